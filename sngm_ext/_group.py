@@ -1,0 +1,50 @@
+"""The tensors and hyper-parameters of one parameter group, as every backend receives them."""
+
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional
+
+from torch import Tensor
+
+
+class TensorGroup(NamedTuple):
+    """One param group's tensors that take part in this step (params whose grad is not None).
+
+    ``momentum_buffers[i]`` is the buffer of ``params[i]``; it is ``None`` where the group has
+    ``momentum == 0`` (torch.optim.SGD stores ``None`` there too).
+    """
+
+    params: List[Tensor]
+    grads: List[Tensor]
+    momentum_buffers: List[Optional[Tensor]]
+    lr: float
+    momentum: float
+    weight_decay: float
+    nesterov: bool
+    maximize: bool
+
+
+def compute_dtype(dtype):
+    """fp64 params compute in fp64; everything else computes in fp32."""
+    import torch
+
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def accumulate_dtype(dtypes):
+    """The global sum of squares is fp64 as soon as one fp64 tensor takes part, else fp32."""
+    import torch
+
+    return torch.float64 if any(d == torch.float64 for d in dtypes) else torch.float32
+
+
+def check_hyperparameters(lr, momentum, weight_decay, nesterov) -> None:
+    """ValueError naming the argument, for values SNGM cannot use."""
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0.0:
+        raise ValueError(f"Invalid lr: {lr!r} (must be a number >= 0)")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"Invalid momentum: {momentum!r} (must lie in [0, 1))")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"Invalid weight_decay: {weight_decay!r} (must be >= 0)")
+    if nesterov and momentum == 0:
+        raise ValueError("Invalid nesterov=True with momentum=0: Nesterov needs momentum > 0")

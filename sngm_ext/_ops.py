@@ -1,0 +1,76 @@
+"""The fused step's three kernels as ``torch.library`` ops: schemas, fake kernels, one registration
+per backend.
+
+Every fused backend implements the same three ops over a bucket (buckets.py) and its chunk table:
+
+    sumsq(param, grad, chunks, weight_decay, maximize, partials!, partial_offset)
+        partials[partial_offset + c] = sum over chunk c of d^2, d = sign * g + weight_decay * w
+    finalize(partials, seg_ptr, norms!, grad_norm!, skipped_steps!)
+        norms[s] = sqrt(sum of partials[seg_ptr[s]:seg_ptr[s+1]]) in a fixed order; grad_norm =
+        the norm over all segments; skipped_steps += 1 when it is not finite
+    update(param!, grad, momentum_buffer!?, chunks, norms, grad_norm, lr, momentum, weight_decay,
+           nesterov, maximize)
+        the normalize-momentum-update of reference.py for every chunk, nothing when grad_norm is
+        not finite
+
+Triton's ops live here as ``sngm_ext::triton_*`` (registered for CUDA, and for CPU where the Triton
+interpreter runs them); the C++/CUDA extension registers ``sngm_native::*`` from C++. Mutated
+arguments are marked in the schemas and the fake kernels do nothing, so ``torch.compile`` can trace
+a step. Nothing here imports triton or the extension: the implementations are imported on first use.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCHEMAS = {
+    "sumsq": "(Tensor param, Tensor grad, Tensor chunks, float weight_decay, bool maximize, "
+    "Tensor(a!) partials, int partial_offset) -> ()",
+    "finalize": "(Tensor partials, Tensor seg_ptr, Tensor(a!) norms, Tensor(b!) grad_norm, "
+    "Tensor(c!) skipped_steps) -> ()",
+    "update": "(Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, Tensor chunks, "
+    "Tensor norms, Tensor grad_norm, float lr, float momentum, float weight_decay, bool nesterov, "
+    "bool maximize) -> ()",
+}
+
+_lib = torch.library.Library("sngm_ext", "DEF")
+
+
+def _fake(*args, **kwargs):
+    return None
+
+
+def _triton_impl(name):
+    def impl(*args):
+        from . import triton_kernels
+
+        return getattr(triton_kernels, name)(*args)
+
+    return impl
+
+
+for _name, _schema in SCHEMAS.items():
+    _lib.define(f"triton_{_name}{_schema}")
+    _lib.impl(f"triton_{_name}", _triton_impl(_name), "CUDA")
+    _lib.impl(f"triton_{_name}", _triton_impl(_name), "CPU")  # under TRITON_INTERPRET=1 only
+    torch.library.register_fake(f"sngm_ext::triton_{_name}", _fake, lib=_lib)
+
+
+class FusedOps:
+    """The three ops of one fused backend, looked up once."""
+
+    def __init__(self, namespace: str, prefix: str = ""):
+        ns = getattr(torch.ops, namespace)
+        self.sumsq = getattr(ns, prefix + "sumsq").default
+        self.finalize = getattr(ns, prefix + "finalize").default
+        self.update = getattr(ns, prefix + "update").default
+
+
+def register_native_fakes() -> None:
+    """Fake kernels for the extension's ops (called once the extension is loaded)."""
+    for name in SCHEMAS:
+        qualname = f"sngm_native::{name}"
+        try:
+            torch.library.register_fake(qualname, _fake)
+        except RuntimeError:  # already registered (the extension was loaded twice)
+            pass

@@ -1,0 +1,267 @@
+"""Flat parameter buckets: the params, grads and momentum of one (group, dtype) in one buffer each.
+
+Every tensor is a view into its bucket, so a fused backend walks a whole bucket with one launch per
+phase whatever the number of tensors. Segments start at multiples of ``ALIGN`` elements (zero
+padding between them): 16 elements keep every segment 16-byte aligned for fp16 up to fp64, which is
+what lets the kernels use 128-bit loads (DESIGN.md: Triton emits none under a mask whose bound is
+not a multiple of 16). The padding is zero in params, grads and momentum and stays zero through an
+update, so it never changes a norm.
+
+A step walks a *chunk table* rather than the raw buffer: (start, length, segment) rows of at most
+``CHUNK`` elements that never cross a tensor. Only tensors whose grad is present this step are
+listed, which is how a param with ``grad is None`` is skipped exactly (no weight decay, no momentum
+decay, no part in the norm) without touching its memory; the segment column picks the norm a chunk
+divides by (one global norm, or one per tensor for ``norm="tensor"``). Tables are built on the host
+and cached per pattern of present grads, so a steady training loop uploads them once.
+
+Views break in ordinary use: autograd hands out a fresh ``.grad`` after ``zero_grad()`` (torch's
+default ``set_to_none=True``), ``load_state_dict`` brings new momentum tensors, ``p.data = t`` moves a
+param. :meth:`Bucket.sync` finds each of those (a data pointer compare per tensor), copies the values
+into the bucket with one ``_foreach_copy_`` and re-points the tensor at its view. Params that do not
+own their storage (non-contiguous, a slice of a larger tensor) are never re-pointed: their values
+are copied in before the step and back after it, so whatever else shares their memory still does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from ._group import accumulate_dtype
+
+ALIGN = 16
+# One partial sum per CHUNK elements. 4096 fp32 = 16 KiB per tensor read per program: large enough
+# that a launch over ResNet-50 (25.6M params) has ~6.3k programs and a 6.3k-entry partials buffer,
+# small enough that a 2-core CPU or a 132-SM GPU stays balanced. Kernels use it as their BLOCK.
+CHUNK = 4096
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def owns_storage(t: Tensor) -> bool:
+    """True when ``t`` is the only thing its storage holds, so re-pointing it loses no aliasing."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) or not t.is_contiguous():
+        return False
+    if t.storage_offset() != 0:
+        return False
+    return t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+class LayoutChanged(RuntimeError):
+    """A param changed shape, dtype or device since the bucket was built: build the buckets again."""
+
+
+class Bucket:
+    """Params of one param group that share a dtype (and the optimizer's one device)."""
+
+    def __init__(self, group_index: int, params: Sequence[Tensor], adopt: bool = True):
+        self.group_index = group_index
+        self.params: List[Tensor] = list(params)
+        self.dtype = params[0].dtype
+        self.device = params[0].device
+        self.shapes = [p.shape for p in params]
+        self.numels = [p.numel() for p in params]
+        self.offsets: List[int] = []
+        total = 0
+        for n in self.numels:
+            self.offsets.append(total)
+            total += _round_up(n, ALIGN)
+        self.numel = total
+        kw = dict(dtype=self.dtype, device=self.device)
+        self.param = torch.zeros(total, **kw)
+        self.grad = torch.zeros(total, **kw)
+        self.momentum: Optional[Tensor] = None
+        self.param_views = self._views(self.param)
+        self.grad_views = self._views(self.grad)
+        self.momentum_views: Optional[List[Tensor]] = None
+        # adopted[i]: params[i] *is* its view (p.data was re-pointed); else copied in and out.
+        self.adopted: List[bool] = []
+        with torch.no_grad():
+            for p, v in zip(self.params, self.param_views):
+                v.copy_(p.detach())
+                own = adopt and owns_storage(p)
+                if own:
+                    p.data = v
+                self.adopted.append(own)
+
+    def _views(self, flat: Tensor) -> List[Tensor]:
+        return [flat[o : o + n].view(s) for o, n, s in zip(self.offsets, self.numels, self.shapes)]
+
+    def ensure_momentum(self) -> List[Tensor]:
+        if self.momentum is None:
+            self.momentum = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+            self.momentum_views = self._views(self.momentum)
+        return self.momentum_views
+
+    def check_layout(self) -> None:
+        for p, s in zip(self.params, self.shapes):
+            if p.shape != s or p.dtype != self.dtype or p.device != self.device:
+                raise LayoutChanged(
+                    f"a param changed from {tuple(s)} {self.dtype} on {self.device} to "
+                    f"{tuple(p.shape)} {p.dtype} on {p.device}"
+                )
+
+    def sync(
+        self,
+        grads: Sequence[Optional[Tensor]],
+        momentum_buffers: Optional[Sequence[Optional[Tensor]]],
+        dst: List[Tensor],
+        src: List[Tensor],
+    ) -> Tuple[Tuple[bool, ...], List[Tensor], List[Optional[Tensor]]]:
+        """Make the bucket hold this step's values.
+
+        ``grads[i]`` is params[i]'s grad (None: not in this step); ``momentum_buffers`` is None when
+        the group has no momentum, else the current buffer per param (None: start from zero).
+        Appends the copies still to do to ``dst``/``src`` (the caller issues one ``_foreach_copy_``
+        for all buckets) and returns the present-mask plus the grad and momentum tensors the
+        params should point at from now on.
+        """
+        present = []
+        new_grads: List[Tensor] = []
+        new_bufs: List[Optional[Tensor]] = []
+        mviews = self.ensure_momentum() if momentum_buffers is not None else None
+        for i, (p, g) in enumerate(zip(self.params, grads)):
+            if g is None:
+                present.append(False)
+                new_grads.append(None)
+                new_bufs.append(momentum_buffers[i] if momentum_buffers is not None else None)
+                continue
+            present.append(True)
+            empty = self.numels[i] == 0
+            pv, gv = self.param_views[i], self.grad_views[i]
+            if not empty:
+                if not self.adopted[i] or p.data_ptr() != pv.data_ptr():
+                    # A param that was copied in, or that `p.data = t` moved away from its view.
+                    dst.append(pv)
+                    src.append(p.detach())
+                    if self.adopted[i] and owns_storage(p):
+                        p.data = pv
+                    else:
+                        self.adopted[i] = False
+                if g.data_ptr() != gv.data_ptr():
+                    dst.append(gv)
+                    src.append(g)
+            new_grads.append(gv if self.adopted[i] and not empty else g)
+            if mviews is not None:
+                mv = mviews[i]
+                buf = momentum_buffers[i]
+                if buf is None:
+                    if not empty:
+                        dst.append(mv)
+                        src.append(torch.zeros_like(mv))
+                elif not empty and buf.data_ptr() != mv.data_ptr():
+                    dst.append(mv)
+                    src.append(buf)
+                new_bufs.append(mv)
+            else:
+                new_bufs.append(None)
+        return tuple(present), new_grads, new_bufs
+
+    def write_back(self, present: Sequence[bool], dst: List[Tensor], src: List[Tensor]) -> None:
+        """Params that are not views of the bucket get their updated values copied back."""
+        for i, p in enumerate(self.params):
+            if present[i] and not self.adopted[i] and self.numels[i]:
+                dst.append(p.detach())
+                src.append(self.param_views[i])
+
+    def chunk_rows(self, present: Sequence[bool], first_segment: int, per_tensor: bool):
+        """(start, length, segment) rows for the present tensors; returns rows and segment sizes."""
+        starts: List[int] = []
+        lens: List[int] = []
+        segs: List[int] = []
+        seg_chunks: List[int] = []
+        seg = first_segment
+        for off, n, here in zip(self.offsets, self.numels, present):
+            if not here or n == 0:
+                continue
+            padded = _round_up(n, ALIGN)
+            cs = list(range(off, off + padded, CHUNK))
+            starts += cs
+            lens += [min(CHUNK, off + padded - c) for c in cs]
+            segs += [seg if per_tensor else 0] * len(cs)
+            if per_tensor:
+                seg_chunks.append(len(cs))
+                seg += 1
+        return starts, lens, segs, seg_chunks
+
+
+@dataclass
+class StepPlan:
+    """Device-side tables of one step pattern (which grads are present, which norm)."""
+
+    chunks: List[Optional[Tensor]]  # per bucket: int64 [3, n] (start, length, segment), or None
+    partial_offsets: List[int]  # per bucket: where its partial sums start in `partials`
+    partials: Tensor  # one partial sum of squares per chunk, in the accumulation dtype
+    seg_ptr: Tensor  # int64 [n_segments + 1]: segment s owns partials[seg_ptr[s]:seg_ptr[s+1]]
+    n_segments: int
+    acc_dtype: torch.dtype
+
+
+@dataclass
+class BucketSet:
+    """All buckets of an optimizer: one per (param group, dtype), all on one device."""
+
+    buckets: List[Bucket]
+    signature: Tuple
+    plans: Dict[Tuple, StepPlan] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, groups_params: Sequence[Sequence[Tensor]], adopt: bool = True) -> "BucketSet":
+        buckets = []
+        for gi, params in enumerate(groups_params):
+            by_dtype: Dict[torch.dtype, List[Tensor]] = {}
+            for p in params:
+                by_dtype.setdefault(p.dtype, []).append(p)
+            buckets += [Bucket(gi, ps, adopt) for ps in by_dtype.values()]
+        return cls(buckets, cls.signature_of(groups_params))
+
+    @staticmethod
+    def signature_of(groups_params: Sequence[Sequence[Tensor]]) -> Tuple:
+        return tuple(tuple(id(p) for p in ps) for ps in groups_params)
+
+    @property
+    def device(self) -> torch.device:
+        return self.buckets[0].device if self.buckets else torch.device("cpu")
+
+    def plan(self, presents: Sequence[Tuple[bool, ...]], per_tensor: bool) -> StepPlan:
+        key = (per_tensor, tuple(presents))
+        plan = self.plans.get(key)
+        if plan is None:
+            if len(self.plans) > 64:  # a pattern that never repeats must not grow memory forever
+                self.plans.clear()
+            plan = self.plans[key] = self._make_plan(presents, per_tensor)
+        return plan
+
+    def _make_plan(self, presents, per_tensor: bool) -> StepPlan:
+        device = self.device
+        chunks: List[Optional[Tensor]] = []
+        offsets: List[int] = []
+        seg_sizes: List[int] = []
+        n_partials = 0
+        for b, present in zip(self.buckets, presents):
+            starts, lens, segs, seg_chunks = b.chunk_rows(present, len(seg_sizes), per_tensor)
+            offsets.append(n_partials)
+            n_partials += len(starts)
+            seg_sizes += seg_chunks
+            chunks.append(
+                torch.tensor([starts, lens, segs], dtype=torch.int64).to(device) if starts else None
+            )
+        if not per_tensor:
+            seg_sizes = [n_partials]
+        seg_ptr = [0]
+        for s in seg_sizes:
+            seg_ptr.append(seg_ptr[-1] + s)
+        acc = accumulate_dtype([b.dtype for b, pr in zip(self.buckets, presents) if any(pr)])
+        return StepPlan(
+            chunks=chunks,
+            partial_offsets=offsets,
+            partials=torch.zeros(max(n_partials, 1), dtype=acc, device=device),
+            seg_ptr=torch.tensor(seg_ptr, dtype=torch.int64).to(device),
+            n_segments=len(seg_sizes),
+            acc_dtype=acc,
+        )

@@ -1,0 +1,201 @@
+"""``SNGM``: the torch.optim.Optimizer users swap in for torch.optim.SGD."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ._group import TensorGroup, check_hyperparameters
+from .buckets import BucketSet, LayoutChanged
+from .functional import BACKENDS, _check_norm, resolve_backend, sngm_groups
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Keys torch.optim.SGD keeps in its param groups that SNGM has no use for: written into
+# state_dict() so SGD can load an SNGM checkpoint, dropped again when SNGM loads one of SGD's.
+_SGD_ONLY_KEYS = {"dampening": 0, "foreach": None, "differentiable": False, "fused": None}
+
+
+class SNGM(Optimizer):
+    r"""Stochastic normalized gradient descent with momentum (Zhao et al., Algorithm 1).
+
+    For every param ``i`` that has a grad, in every param group:
+
+    .. math::
+        d_i &= \pm g_i + \lambda w_i \qquad (- \text{ when maximize}) \\
+        n &= \sqrt{\textstyle\sum_i \lVert d_i \rVert^2} \qquad \text{one norm over ALL groups} \\
+        u_i &\leftarrow \beta u_i + d_i / n \qquad (d_i / n := 0 \text{ when } n = 0,\ u_0 = 0) \\
+        w_i &\leftarrow w_i - \eta u_i \qquad \text{nesterov: } w_i - \eta (d_i / n + \beta u_i)
+
+    If ``n`` is not finite (a NaN or Inf gradient) params and momentum are left untouched and
+    :attr:`skipped_steps` grows by one, on device. ``norm="tensor"`` divides each param by its own
+    norm instead (the block-wise variant of the paper's Section 6). A param whose grad is None is
+    skipped entirely, as torch.optim.SGD skips it. Each step moves ``||w_{t+1} - w_t||`` by at most
+    ``lr / (1 - momentum)`` (the paper's Lemma 2).
+
+    Args:
+        params: iterable of params or of dicts defining param groups.
+        lr, momentum, weight_decay, nesterov, maximize: per group, as in torch.optim.SGD
+            (no dampening). ``momentum=0`` is SNGD.
+        norm: ``"global"`` (the paper's SNGM) or ``"tensor"``.
+        backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cpu"`` or ``"cuda"``
+            (see :mod:`sngm_ext.functional`).
+
+    After each step, :attr:`grad_norm` holds ``n`` as a 0-dim tensor on the params' device: reading
+    it is the only thing that would sync. ``state_dict()`` keeps torch.optim.SGD's format
+    (``state[i]["momentum_buffer"]``), so checkpoints move between SGD and SNGM both ways.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        maximize: bool = False,
+        *,
+        norm: str = "global",
+        backend: str = "auto",
+    ):
+        check_hyperparameters(lr, momentum, weight_decay, nesterov)
+        _check_norm(norm)
+        if backend not in BACKENDS:
+            raise ValueError(f"Invalid backend: {backend!r} (must be one of {BACKENDS})")
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+            maximize=maximize,
+        )
+        self.norm = norm
+        self.backend = backend
+        super().__init__(params, defaults)
+        self.grad_norm: Optional[Tensor] = None
+        self._skipped: Optional[Tensor] = None
+        self._buckets: Optional[BucketSet] = None
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        check_hyperparameters(group["lr"], group["momentum"], group["weight_decay"],
+                              group["nesterov"])
+        devices = {p.device for g in self.param_groups for p in g["params"]}
+        for p in group["params"]:
+            self._check_param(p)
+        if len(devices) > 1:
+            self.param_groups.pop()
+            raise ValueError(
+                f"SNGM needs every param on one device (one global norm), got {sorted(map(str, devices))}"
+            )
+
+    @staticmethod
+    def _check_param(p: Tensor) -> None:
+        if p.is_complex():
+            raise ValueError("SNGM does not support complex params; view them as real "
+                             "(torch.view_as_real) first")
+        if p.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"SNGM supports params of dtype {SUPPORTED_DTYPES}, got {p.dtype}")
+
+    @property
+    def skipped_steps(self) -> Optional[Tensor]:
+        """Steps skipped for a non-finite norm: an int64 0-dim tensor on the params' device."""
+        return self._skipped
+
+    def _collect(self) -> List[TensorGroup]:
+        """This step's tensors per group; raises before anything is changed."""
+        groups = []
+        device = None
+        for group in self.param_groups:
+            check_hyperparameters(group["lr"], group["momentum"], group["weight_decay"],
+                                  group["nesterov"])
+            params, grads, bufs = [], [], []
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError("SNGM does not support sparse gradients")
+                self._check_param(p)
+                if device is None:
+                    device = p.device
+                elif p.device != device:
+                    raise ValueError(
+                        f"SNGM needs every param on one device, got {device} and {p.device}"
+                    )
+                params.append(p)
+                grads.append(g)
+                bufs.append(self.state[p].get("momentum_buffer") if group["momentum"] else None)
+            groups.append(TensorGroup(
+                params, grads, bufs, float(group["lr"]), float(group["momentum"]),
+                float(group["weight_decay"]), bool(group["nesterov"]), bool(group["maximize"]),
+            ))
+        return groups
+
+    def _device(self) -> torch.device:
+        for group in self.param_groups:
+            for p in group["params"]:
+                return p.device
+        return torch.device("cpu")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups = self._collect()
+        device = self._device()
+        name, _ = resolve_backend(self.backend, device)
+        if self._skipped is None or self._skipped.device != device:
+            prev = self._skipped
+            self._skipped = torch.zeros((), dtype=torch.int64, device=device)
+            if prev is not None:
+                self._skipped.copy_(prev)
+        buckets = None
+        if name != "reference":
+            all_params = [g["params"] for g in self.param_groups]
+            if self._buckets is None or self._buckets.signature != BucketSet.signature_of(all_params):
+                self._buckets = BucketSet.build(all_params)
+            buckets = self._buckets
+        try:
+            grad_norm = sngm_groups(groups, norm=self.norm, backend=self.backend,
+                                    skipped_steps=self._skipped, buckets=buckets)
+        except LayoutChanged:  # a param moved, changed dtype or shape: rebuild, nothing was written
+            self._buckets = BucketSet.build([g["params"] for g in self.param_groups])
+            grad_norm = sngm_groups(groups, norm=self.norm, backend=self.backend,
+                                    skipped_steps=self._skipped, buckets=self._buckets)
+        for grp in groups:
+            for p, g, buf in zip(grp.params, grp.grads, grp.momentum_buffers):
+                self.state[p]["momentum_buffer"] = buf
+                if p.grad is not g:
+                    p.grad = g
+        self.grad_norm = grad_norm
+        return loss
+
+    def state_dict(self) -> Dict[str, Any]:
+        sd = super().state_dict()
+        for g in sd["param_groups"]:
+            for k, v in _SGD_ONLY_KEYS.items():
+                g.setdefault(k, v)
+        if self._skipped is not None:
+            sd["sngm"] = {"skipped_steps": self._skipped.clone()}
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("sngm", None)
+        groups = []
+        for g in state_dict["param_groups"]:
+            if g.get("dampening", 0):
+                raise ValueError(
+                    f"cannot load an SGD state with dampening={g['dampening']}: SNGM has no dampening"
+                )
+            groups.append({k: v for k, v in g.items() if k not in _SGD_ONLY_KEYS})
+        for g in groups:
+            check_hyperparameters(g["lr"], g.get("momentum", 0.0), g.get("weight_decay", 0.0),
+                                  g.get("nesterov", False))
+        state_dict["param_groups"] = groups
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            self._skipped = extra["skipped_steps"].to(self._device()).clone()

@@ -1,0 +1,111 @@
+"""Phase 2 of the fused step: normalize, update the momentum and the params in one read-modify-write.
+
+The norm is read from device memory (never from the host); when the global norm is not finite the
+whole mask is false, so a skipped step neither loads nor stores a byte.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._scalars import split_f64
+
+
+@triton.jit
+def _update_kernel(
+    param_ptr,
+    grad_ptr,
+    mom_ptr,
+    chunks_ptr,  # int64 [3, n_chunks]: start, length, segment
+    n_chunks,
+    norms_ptr,  # one norm per segment (a single one for norm="global")
+    grad_norm_ptr,  # the global norm: decides whether this step happens at all
+    lr_hi,
+    lr_lo,
+    mom_hi,
+    mom_lo,
+    wd_hi,
+    wd_lo,
+    grad_sign,
+    nesterov,
+    BLOCK: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    FP64: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    gn = tl.load(grad_norm_ptr)
+    finite = (gn * 0.0) == 0.0
+    start = tl.multiple_of(tl.load(chunks_ptr + pid), 16)
+    # A skipped step is an empty chunk: no load, no store.
+    length = tl.multiple_of(tl.where(finite, tl.load(chunks_ptr + n_chunks + pid), 0), 16)
+    seg = tl.load(chunks_ptr + 2 * n_chunks + pid)
+    n = tl.load(norms_ptr + seg)
+    # 1/n in the norm's dtype, then to the compute dtype (the reference does the same); 0 if n == 0.
+    inv = tl.where(n > 0.0, 1.0 / n, 0.0)
+    idx = tl.arange(0, BLOCK)
+    offs = start + idx
+    mask = idx < length
+    if FP64:
+        lr = lr_hi.to(tl.float64) + lr_lo.to(tl.float64)
+        beta = mom_hi.to(tl.float64) + mom_lo.to(tl.float64)
+        wd = wd_hi.to(tl.float64) + wd_lo.to(tl.float64)
+        sign = grad_sign.to(tl.float64)
+        inv = inv.to(tl.float64)
+        g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+        w = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+    else:
+        lr = lr_hi
+        beta = mom_hi
+        wd = wd_hi
+        sign = grad_sign
+        inv = inv.to(tl.float32)
+        g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    nd = (sign * g + wd * w) * inv
+    if HAS_MOMENTUM:
+        u = beta * tl.load(mom_ptr + offs, mask=mask, other=0.0).to(w.dtype) + nd
+        tl.store(mom_ptr + offs, u.to(mom_ptr.dtype.element_ty), mask=mask)
+        step = tl.where(nesterov != 0, nd + beta * u, u)
+    else:
+        step = nd
+    tl.store(param_ptr + offs, (w - lr * step).to(param_ptr.dtype.element_ty), mask=mask)
+
+
+def update(
+    param,
+    grad,
+    momentum_buffer,
+    chunks,
+    norms,
+    grad_norm,
+    lr,
+    momentum,
+    weight_decay,
+    nesterov,
+    maximize,
+):
+    """One normalize-momentum-update pass over the chunks of a bucket (see reference.py)."""
+    n_chunks = chunks.shape[1]
+    if n_chunks == 0:
+        return
+    from sngm_ext.buckets import CHUNK
+
+    has_mom = momentum_buffer is not None
+    _update_kernel[(n_chunks,)](
+        param,
+        grad,
+        momentum_buffer if has_mom else param,  # never read without HAS_MOMENTUM
+        chunks,
+        n_chunks,
+        norms,
+        grad_norm,
+        *split_f64(lr),
+        *split_f64(momentum),
+        *split_f64(weight_decay),
+        -1.0 if maximize else 1.0,
+        int(nesterov),
+        BLOCK=CHUNK,
+        HAS_MOMENTUM=has_mom,
+        FP64=param.dtype == torch.float64,
+        num_warps=8,
+    )
