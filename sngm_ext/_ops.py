@@ -5,13 +5,17 @@ Every fused backend implements the same three ops over a bucket (buckets.py) and
 
     sumsq(param, grad, chunks, weight_decay, maximize, partials!, partial_offset)
         partials[partial_offset + c] = sum over chunk c of d^2, d = sign * g + weight_decay * w
-    finalize(partials, seg_ptr, norms!, grad_norm!, skipped_steps!)
-        norms[s] = sqrt(sum of partials[seg_ptr[s]:seg_ptr[s+1]]) in a fixed order; grad_norm =
-        the norm over all segments; skipped_steps += 1 when it is not finite
-    update(param!, grad, momentum_buffer!?, chunks, norms, grad_norm, lr, momentum, weight_decay,
-           nesterov, maximize)
-        the normalize-momentum-update of reference.py for every chunk, nothing when grad_norm is
-        not finite
+    finalize(partials, seg_ptr, sumsq!)
+        sumsq[0] = the sum of all partials; where sumsq has more entries (norm="tensor"),
+        sumsq[1 + s] = the sum of partials[seg_ptr[s]:seg_ptr[s+1]]; always in a fixed order
+    update(param!, grad, momentum_buffer!?, chunks, sumsq, lr, momentum, weight_decay, nesterov,
+           maximize)
+        the normalize-momentum-update of reference.py for every chunk, with n = sqrt(sumsq[seg])
+        for the chunk's segment column; nothing at all when sumsq[0] is not finite
+
+Between finalize and update the caller may all-reduce ``sumsq`` (one collective for the whole
+step, see distributed.py); the grad norm and the skipped-step count are then derived from
+``sumsq[0]`` with plain torch ops, the same for every backend.
 
 Triton's ops live here as ``sngm_ext::triton_*`` (registered for CUDA, and for CPU where the Triton
 interpreter runs them); the C++/CUDA extension registers ``sngm_native::*`` from C++. Mutated
@@ -26,10 +30,9 @@ import torch
 SCHEMAS = {
     "sumsq": "(Tensor param, Tensor grad, Tensor chunks, float weight_decay, bool maximize, "
     "Tensor(a!) partials, int partial_offset) -> ()",
-    "finalize": "(Tensor partials, Tensor seg_ptr, Tensor(a!) norms, Tensor(b!) grad_norm, "
-    "Tensor(c!) skipped_steps) -> ()",
+    "finalize": "(Tensor partials, Tensor seg_ptr, Tensor(a!) sumsq) -> ()",
     "update": "(Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, Tensor chunks, "
-    "Tensor norms, Tensor grad_norm, float lr, float momentum, float weight_decay, bool nesterov, "
+    "Tensor sumsq, float lr, float momentum, float weight_decay, bool nesterov, "
     "bool maximize) -> ()",
 }
 

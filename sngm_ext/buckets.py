@@ -10,8 +10,8 @@ update, so it never changes a norm.
 A step walks a *chunk table* rather than the raw buffer: (start, length, segment) rows of at most
 ``CHUNK`` elements that never cross a tensor. Only tensors whose grad is present this step are
 listed, which is how a param with ``grad is None`` is skipped exactly (no weight decay, no momentum
-decay, no part in the norm) without touching its memory; the segment column picks the norm a chunk
-divides by (one global norm, or one per tensor for ``norm="tensor"``). Tables are built on the host
+decay, no part in the norm) without touching its memory; the segment column picks the sum of squares a
+chunk's norm comes from (index 0: the global one; 1 + k: tensor k's for ``norm="tensor"``). Tables are built on the host
 and cached per pattern of present grads, so a steady training loop uploads them once.
 
 Views break in ordinary use: autograd hands out a fresh ``.grad`` after ``zero_grad()`` (torch's
@@ -170,19 +170,24 @@ class Bucket:
                 src.append(self.param_views[i])
 
     def chunk_rows(self, present: Sequence[bool], first_segment: int, per_tensor: bool):
-        """(start, length, segment) rows for the present tensors; returns rows and segment sizes."""
+        """(start, length, segment) rows for the present tensors, and the chunk count per segment.
+
+        With ``per_tensor`` every present tensor is a segment (numbered from ``first_segment``),
+        an empty one too, so that segment numbers agree across ranks that hold uneven shards;
+        otherwise all rows use segment 0, the global sum.
+        """
         starts: List[int] = []
         lens: List[int] = []
         segs: List[int] = []
         seg_chunks: List[int] = []
         seg = first_segment
         for off, n, here in zip(self.offsets, self.numels, present):
-            if not here or n == 0:
+            if not here:
                 continue
-            padded = _round_up(n, ALIGN)
-            cs = list(range(off, off + padded, CHUNK))
+            end = off + _round_up(n, ALIGN)
+            cs = list(range(off, end, CHUNK))
             starts += cs
-            lens += [min(CHUNK, off + padded - c) for c in cs]
+            lens += [min(CHUNK, end - c) for c in cs]
             segs += [seg if per_tensor else 0] * len(cs)
             if per_tensor:
                 seg_chunks.append(len(cs))
@@ -198,7 +203,7 @@ class StepPlan:
     partial_offsets: List[int]  # per bucket: where its partial sums start in `partials`
     partials: Tensor  # one partial sum of squares per chunk, in the accumulation dtype
     seg_ptr: Tensor  # int64 [n_segments + 1]: segment s owns partials[seg_ptr[s]:seg_ptr[s+1]]
-    n_segments: int
+    n_sumsq: int  # 1 (norm="global": the total) or 1 + n_segments (norm="tensor")
     acc_dtype: torch.dtype
 
 
@@ -244,13 +249,14 @@ class BucketSet:
         seg_sizes: List[int] = []
         n_partials = 0
         for b, present in zip(self.buckets, presents):
-            starts, lens, segs, seg_chunks = b.chunk_rows(present, len(seg_sizes), per_tensor)
+            starts, lens, segs, seg_chunks = b.chunk_rows(present, 1 + len(seg_sizes), per_tensor)
             offsets.append(n_partials)
             n_partials += len(starts)
             seg_sizes += seg_chunks
             chunks.append(
                 torch.tensor([starts, lens, segs], dtype=torch.int64).to(device) if starts else None
             )
+        n_sumsq = 1 + len(seg_sizes) if per_tensor else 1
         if not per_tensor:
             seg_sizes = [n_partials]
         seg_ptr = [0]
@@ -262,6 +268,6 @@ class BucketSet:
             partial_offsets=offsets,
             partials=torch.zeros(max(n_partials, 1), dtype=acc, device=device),
             seg_ptr=torch.tensor(seg_ptr, dtype=torch.int64).to(device),
-            n_segments=len(seg_sizes),
+            n_sumsq=n_sumsq,
             acc_dtype=acc,
         )

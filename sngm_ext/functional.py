@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -119,6 +119,7 @@ def sngm_groups(
     backend: str = "auto",
     skipped_steps: Optional[Tensor] = None,
     buckets=None,
+    reduce_sumsq: Optional[Callable[[Tensor], None]] = None,
 ) -> Tensor:
     """One SNGM step over several param groups sharing ONE norm; returns it (0-dim, on device).
 
@@ -126,6 +127,7 @@ def sngm_groups(
     order) lets the fused backends keep their flat buffers across steps; without it a fused backend
     copies the tensors into temporary buckets and back. Entries of ``momentum_buffers`` that are
     None (with momentum != 0) are created; all lists are updated in place with the tensors to keep.
+    ``reduce_sumsq`` (distributed.py) all-reduces the sums of squares between the two phases.
     """
     _check_norm(norm)
     device = _device_of(groups)
@@ -138,7 +140,9 @@ def sngm_groups(
                 for i, b in enumerate(grp.momentum_buffers):
                     if b is None:
                         grp.momentum_buffers[i] = torch.zeros_like(grp.params[i])
-        return sngm_reference(groups, norm=norm, skipped_steps=skipped_steps)
+        return sngm_reference(
+            groups, norm=norm, skipped_steps=skipped_steps, reduce_sumsq=reduce_sumsq
+        )
 
     from .buckets import BucketSet
     from .fused import fused_step
@@ -148,7 +152,8 @@ def sngm_groups(
     if own:
         buckets = BucketSet.build([g.params for g in groups], adopt=False)
     grad_norm = fused_step(
-        buckets, groups, ops, per_tensor=norm == "tensor", skipped_steps=skipped_steps
+        buckets, groups, ops, per_tensor=norm == "tensor", skipped_steps=skipped_steps,
+        reduce_sumsq=reduce_sumsq,
     )
     if own:  # temporary buckets: hand momentum back in the caller's own buffers where it had them
         dst, src = [], []

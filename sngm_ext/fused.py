@@ -6,7 +6,7 @@ the number of (param group, dtype) pairs, never with the number of tensors.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -23,12 +23,14 @@ def fused_step(
     *,
     per_tensor: bool,
     skipped_steps: Tensor,
+    reduce_sumsq: Optional[Callable[[Tensor], None]] = None,
 ) -> Tensor:
     """One SNGM step of ``groups`` (the present params of each param group) through ``buckets``.
 
     On return the entries of ``groups[g].grads`` / ``.momentum_buffers`` are the tensors the caller
     should keep (views of the buckets where the param is one), as torch.optim's functional API
-    hands back new momentum buffers in its list.
+    hands back new momentum buffers in its list. ``reduce_sumsq`` (an in-place all-reduce, say)
+    sees the sums of squares between the two phases.
     """
     given: Dict[int, Tuple[int, int]] = {}
     for gi, grp in enumerate(groups):
@@ -38,8 +40,9 @@ def fused_step(
     dst: List[Tensor] = []
     src: List[Tensor] = []
     presents = []
-    for b in buckets.buckets:
+    for b in buckets.buckets:  # before anything is written: a changed layout means a rebuild
         b.check_layout()
+    for b in buckets.buckets:
         grp = groups[b.group_index]
         slots = [given.get(id(p)) for p in b.params]
         grads = [grp.grads[s[1]] if s else None for s in slots]
@@ -56,21 +59,21 @@ def fused_step(
         torch._foreach_copy_(dst, src)
 
     plan = buckets.plan(presents, per_tensor)
-    device = buckets.device
-    grad_norm = torch.empty((), dtype=plan.acc_dtype, device=device)
-    norms = torch.empty(plan.n_segments, dtype=plan.acc_dtype, device=device)
+    sumsq = torch.empty(plan.n_sumsq, dtype=plan.acc_dtype, device=buckets.device)
     for b, chunks, off in zip(buckets.buckets, plan.chunks, plan.partial_offsets):
         if chunks is not None:
             grp = groups[b.group_index]
             ops.sumsq(b.param, b.grad, chunks, grp.weight_decay, grp.maximize, plan.partials, off)
-    ops.finalize(plan.partials, plan.seg_ptr, norms, grad_norm, skipped_steps)
+    ops.finalize(plan.partials, plan.seg_ptr, sumsq)
+    if reduce_sumsq is not None:
+        reduce_sumsq(sumsq)
     for b, chunks in zip(buckets.buckets, plan.chunks):
         if chunks is not None:
             grp = groups[b.group_index]
             mom = b.momentum if grp.momentum != 0 else None
             ops.update(
-                b.param, b.grad, mom, chunks, norms, grad_norm, grp.lr, grp.momentum,
-                grp.weight_decay, grp.nesterov, grp.maximize,
+                b.param, b.grad, mom, chunks, sumsq, grp.lr, grp.momentum, grp.weight_decay,
+                grp.nesterov, grp.maximize,
             )
 
     dst, src = [], []
@@ -78,4 +81,10 @@ def fused_step(
         b.write_back(present, dst, src)
     if dst:
         torch._foreach_copy_(dst, src)
-    return grad_norm
+    return finish_norm(sumsq[0], skipped_steps)
+
+
+def finish_norm(total_sumsq: Tensor, skipped_steps: Tensor) -> Tensor:
+    """The global norm from the global sum of squares, counting a non-finite one as skipped."""
+    skipped_steps.add_((~torch.isfinite(total_sumsq)).to(skipped_steps.dtype))
+    return total_sumsq.sqrt()

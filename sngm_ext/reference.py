@@ -16,7 +16,7 @@ the finite check is a device-side ``torch.where``.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -43,29 +43,35 @@ def sngm_reference(
     *,
     norm: str = "global",
     skipped_steps: Optional[Tensor] = None,
+    reduce_sumsq: Optional[Callable[[Tensor], None]] = None,
 ) -> Tensor:
-    """Apply one SNGM step in place; returns the global gradient norm (0-dim, on device)."""
+    """Apply one SNGM step in place; returns the global gradient norm (0-dim, on device).
+
+    ``reduce_sumsq`` sees the sums of squares, [total] or [total, one per tensor], before they are
+    used (fused.py hands the same vector to the same hook).
+    """
+    from .fused import finish_norm
+
     ds: List[List[Tensor]] = [
         [_direction(g, p, grp.weight_decay, grp.maximize) for p, g in zip(grp.params, grp.grads)]
         for grp in groups
     ]
     flat = [d for dl in ds for d in dl]
-    device = _device_of(groups)
     acc = accumulate_dtype([d.dtype for d in flat])
     sq = [d.square().sum().to(acc) for d in flat]
-    total = torch.stack(sq).sum() if sq else torch.zeros((), dtype=acc, device=device)
-    grad_norm = total.sqrt()
-    finite = torch.isfinite(total)
-    if skipped_steps is not None:
-        skipped_steps.add_((~finite).to(skipped_steps.dtype))
+    total = torch.stack(sq).sum() if sq else torch.zeros((), dtype=acc, device=_device_of(groups))
+    sumsq = torch.stack([total] + (sq if norm == "tensor" else []))
+    if reduce_sumsq is not None:
+        reduce_sumsq(sumsq)
+    finite = torch.isfinite(sumsq[0])
 
     k = 0
     for grp, dl in zip(groups, ds):
-        for p, d, i in zip(grp.params, dl, range(len(dl))):
-            n = grad_norm if norm == "global" else sq[k].sqrt()
+        for i, d in enumerate(dl):
             k += 1
+            n = sumsq[k if norm == "tensor" else 0].sqrt()
             nd = d * _safe_inverse(n).to(d.dtype)
-            buf = grp.momentum_buffers[i]
+            p, buf = grp.params[i], grp.momentum_buffers[i]
             if grp.momentum != 0:
                 u = grp.momentum * buf.to(d.dtype) + nd
                 step = nd + grp.momentum * u if grp.nesterov else u
@@ -74,7 +80,9 @@ def sngm_reference(
                 step = nd
             w = p.to(d.dtype) - grp.lr * step
             p.copy_(torch.where(finite, w.to(p.dtype), p))
-    return grad_norm
+    if skipped_steps is None:
+        return sumsq[0].sqrt()
+    return finish_norm(sumsq[0], skipped_steps)
 
 
 def _device_of(groups: Sequence[TensorGroup]) -> torch.device:
