@@ -36,10 +36,10 @@ def _sumsq_kernel(
     offs = start + idx
     mask = idx < length
     if FP64:
-        wd = wd_hi.to(tl.float64) + wd_lo.to(tl.float64)
+        wd = tl.cast(wd_hi, tl.float64) + tl.cast(wd_lo, tl.float64)
         g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float64)
         w = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float64)
-        d = grad_sign.to(tl.float64) * g + wd * w
+        d = tl.cast(grad_sign, tl.float64) * g + wd * w
     else:
         g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)

@@ -46,10 +46,10 @@ def _update_kernel(
     offs = start + idx
     mask = idx < length
     if FP64:
-        lr = lr_hi.to(tl.float64) + lr_lo.to(tl.float64)
-        beta = mom_hi.to(tl.float64) + mom_lo.to(tl.float64)
-        wd = wd_hi.to(tl.float64) + wd_lo.to(tl.float64)
-        sign = grad_sign.to(tl.float64)
+        lr = tl.cast(lr_hi, tl.float64) + tl.cast(lr_lo, tl.float64)
+        beta = tl.cast(mom_hi, tl.float64) + tl.cast(mom_lo, tl.float64)
+        wd = tl.cast(wd_hi, tl.float64) + tl.cast(wd_lo, tl.float64)
+        sign = tl.cast(grad_sign, tl.float64)
         inv = inv.to(tl.float64)
         g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float64)
         w = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float64)

@@ -1,0 +1,50 @@
+"""Shared fixtures. Triton's interpreter must be switched on before triton is first imported."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import sngm_ext  # noqa: E402
+
+
+def _available(name):
+    try:
+        sngm_ext.resolve_backend(name, torch.device("cpu"))
+        return True
+    except sngm_ext.BackendUnavailable:
+        return False
+
+
+# Every backend that runs on CPU tensors here. The native "cpu" backend must be built in CI
+# (scripts/setup.sh builds it): there a missing one is a failure, not a skip.
+CPU_BACKENDS = ["reference", "triton", "cpu"]
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request):
+    name = request.param
+    if not _available(name):
+        if os.environ.get("CI") and name != "triton":
+            pytest.fail(f"backend {name!r} must be available in CI")
+        pytest.skip(f"backend {name!r} is not available here")
+    return name
+
+
+@pytest.fixture(params=["reference", "triton", "cpu"])
+def fused_backend(request):
+    """Only the fused (bucketed) backends."""
+    name = request.param
+    if name == "reference":
+        pytest.skip("not a fused backend")
+    if not _available(name):
+        if os.environ.get("CI"):
+            pytest.fail(f"backend {name!r} must be available in CI")
+        pytest.skip(f"backend {name!r} is not available here")
+    return name
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")

@@ -1,0 +1,333 @@
+"""The optimizer as users drive it: API, errors that change nothing, checkpoints, view breakage."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sngm_ext
+from scenarios import assert_close
+from sngm_ext import SNGM
+
+
+def model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)
+    ).to(dtype)
+
+
+def batch(step, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(32, 8, generator=g).to(dtype), torch.randint(0, 3, (32,), generator=g)
+
+
+def train(m, opt, steps, start=0, set_to_none=True):
+    for s in range(start, start + steps):
+        x, y = batch(s)
+        opt.zero_grad(set_to_none=set_to_none)
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+
+
+def snapshot(m, opt):
+    params = [p.detach().clone() for p in m.parameters()]
+    state = {k: {kk: (vv.clone() if torch.is_tensor(vv) else vv) for kk, vv in v.items()}
+             for k, v in opt.state_dict()["state"].items()}
+    return params, state
+
+
+def assert_same(a, b):
+    (pa, sa), (pb, sb) = a, b
+    for x, y in zip(pa, pb):
+        assert torch.equal(x, y)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        for kk in sa[k]:
+            x, y = sa[k][kk], sb[k][kk]
+            assert (x is None and y is None) or torch.equal(x, y)
+
+
+# ---------------------------------------------------------------- hyper-parameters
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(lr=-0.1), "lr"),
+        (dict(momentum=1.0), "momentum"),
+        (dict(momentum=-0.1), "momentum"),
+        (dict(weight_decay=-1e-4), "weight_decay"),
+        (dict(momentum=0.0, nesterov=True), "nesterov"),
+        (dict(backend="tpu"), "backend"),
+        (dict(norm="layer"), "norm"),
+    ],
+)
+def test_bad_hyperparameters_are_refused_by_name(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        SNGM(model().parameters(), **{"lr": 0.1, **kwargs})
+
+
+def test_complex_params_are_refused():
+    with pytest.raises(ValueError, match="complex"):
+        SNGM([torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))], lr=0.1)
+
+
+def test_params_on_several_devices_are_refused():
+    a = torch.nn.Parameter(torch.zeros(3))
+    b = torch.nn.Parameter(torch.zeros(3, device="meta"))
+    with pytest.raises(ValueError, match="one device"):
+        SNGM([a, b], lr=0.1)
+    opt = SNGM([a], lr=0.1)
+    with pytest.raises(ValueError, match="one device"):
+        opt.add_param_group({"params": [b]})
+    assert len(opt.param_groups) == 1
+
+
+# ---------------------------------------------------------------- errors change nothing
+
+
+def test_sparse_grad_is_refused_and_changes_nothing(backend):
+    m = model()
+    opt = SNGM(m.parameters(), lr=0.1, backend=backend)
+    train(m, opt, 2)
+    before = snapshot(m, opt)
+    x, y = batch(5)
+    torch.nn.functional.cross_entropy(m(x), y).backward()
+    ps = list(m.parameters())
+    ps[-1].grad = ps[-1].grad.to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert_same(before, snapshot(m, opt))
+
+
+def test_bad_group_value_set_later_is_refused_and_changes_nothing(backend):
+    m = model()
+    opt = SNGM(m.parameters(), lr=0.1, backend=backend)
+    train(m, opt, 2)
+    before = snapshot(m, opt)
+    opt.param_groups[0]["momentum"] = 1.5
+    x, y = batch(5)
+    torch.nn.functional.cross_entropy(m(x), y).backward()
+    with pytest.raises(ValueError, match="momentum"):
+        opt.step()
+    assert_same(before, snapshot(m, opt))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_gradient_skips_the_step_on_device(backend, bad):
+    m = model()
+    opt = SNGM(m.parameters(), lr=0.1, weight_decay=1e-4, backend=backend)
+    train(m, opt, 2)
+    before = snapshot(m, opt)
+    x, y = batch(7)
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(m(x), y).backward()
+    next(m.parameters()).grad[0, 0] = bad
+    opt.step()
+    assert_same(before, snapshot(m, opt))
+    assert opt.skipped_steps.item() == 1
+    assert not torch.isfinite(opt.grad_norm)
+    train(m, opt, 1, start=8)  # and training goes on
+    assert opt.skipped_steps.item() == 1 and torch.isfinite(opt.grad_norm)
+
+
+def test_unavailable_backend_says_why():
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.ones(3)
+    with pytest.raises(sngm_ext.BackendUnavailable, match="cuda"):
+        SNGM([p], lr=0.1, backend="cuda").step()
+    assert torch.equal(p.detach(), torch.zeros(3))
+    code = (
+        "import torch, sngm_ext\n"
+        "p = torch.nn.Parameter(torch.zeros(3)); p.grad = torch.ones(3)\n"
+        "try:\n"
+        "    sngm_ext.SNGM([p], lr=0.1, backend='triton').step()\n"
+        "except sngm_ext.BackendUnavailable as e:\n"
+        "    print('REFUSED', e)\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert "REFUSED" in out.stdout and "TRITON_INTERPRET" in out.stdout, out.stderr
+
+
+# ---------------------------------------------------------------- no host sync
+
+
+class _NoSync:
+    """Fails the test if step() reads a tensor's value on the host."""
+
+    NAMES = ["item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"]
+
+    def __enter__(self):
+        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
+
+        def boom(name):
+            def f(*a, **k):
+                raise AssertionError(f"host sync in step(): Tensor.{name}")
+            return f
+
+        for n in self.NAMES:
+            setattr(torch.Tensor, n, boom(n))
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+def test_step_reads_nothing_back_to_the_host(backend):
+    m = model()
+    opt = SNGM(m.parameters(), lr=0.1, backend=backend)
+    train(m, opt, 1)  # the first step builds buckets and tables
+    x, y = batch(3)
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(m(x), y).backward()
+    with _NoSync():
+        opt.step()
+    assert opt.grad_norm.dim() == 0 and opt.grad_norm.device == x.device
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_state_dict_round_trip_continues_exactly(backend):
+    m = model()
+    opt = SNGM(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, backend=backend)
+    train(m, opt, 3)
+    saved_model = copy.deepcopy(m.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    train(m, opt, 3, start=3)
+    straight = snapshot(m, opt)
+
+    m2 = model(seed=1)
+    m2.load_state_dict(saved_model)
+    opt2 = SNGM(m2.parameters(), lr=0.5, momentum=0.5, backend=backend)
+    opt2.load_state_dict(saved_opt)
+    assert opt2.param_groups[0]["lr"] == 0.1
+    train(m2, opt2, 3, start=3)
+    assert_same(straight, snapshot(m2, opt2))
+
+
+def test_sngm_checkpoint_loads_into_sgd_and_back(backend):
+    m = model()
+    opt = SNGM(m.parameters(), lr=0.1, momentum=0.9, backend=backend)
+    train(m, opt, 2)
+    sgd = torch.optim.SGD(m.parameters(), lr=1.0)
+    sgd.load_state_dict(opt.state_dict())
+    for p in m.parameters():
+        assert torch.equal(sgd.state[p]["momentum_buffer"], opt.state[p]["momentum_buffer"])
+    train(m, sgd, 1, start=2)  # SGD runs on it
+
+    sngm = SNGM(m.parameters(), lr=0.3, backend=backend)
+    sngm.load_state_dict(sgd.state_dict())
+    bufs = {p: sgd.state[p]["momentum_buffer"].clone() for p in m.parameters()}
+    x, y = batch(9)
+    sngm.zero_grad()
+    torch.nn.functional.cross_entropy(m(x), y).backward()
+    grads = {p: p.grad.clone() for p in m.parameters()}
+    before = {p: p.detach().clone() for p in m.parameters()}
+    sngm.step()
+    n = torch.sqrt(sum(g.double().square().sum() for g in grads.values()))
+    for p in m.parameters():  # the step continues SGD's momentum, SNGM's way
+        u = 0.9 * bufs[p].double() + grads[p].double() / n
+        assert_close(sngm.state[p]["momentum_buffer"], u.float(), torch.float32)
+        assert_close(p, (before[p].double() - 0.1 * u).float(), torch.float32)
+
+
+def test_sgd_checkpoint_with_dampening_is_refused():
+    m = model()
+    sgd = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, dampening=0.1)
+    train(m, sgd, 1)
+    opt = SNGM(m.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="dampening"):
+        opt.load_state_dict(sgd.state_dict())
+
+
+# ---------------------------------------------------------------- what users do to tensors
+
+
+def test_zero_grad_modes_params_reassigned_and_grads_replaced(backend):
+    """Whatever breaks the bucket views, the result is the reference's."""
+
+    def drive(be):
+        m = model()
+        opt = SNGM(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, backend=be)
+        train(m, opt, 2, set_to_none=True)
+        train(m, opt, 2, start=2, set_to_none=False)
+        m.zero_grad()
+        train(m, opt, 1, start=4)
+        first = next(m.parameters())
+        first.data = first.detach().clone() * 0.5  # p.data = ... moves it off its view
+        train(m, opt, 1, start=5, set_to_none=False)
+        for p in m.parameters():  # grads replaced by new tensors
+            p.grad = torch.ones_like(p)
+        opt.step()
+        return snapshot(m, opt)
+
+    ref = drive("reference")
+    got = drive(backend)
+    for x, y in zip(got[0], ref[0]):
+        assert_close(x, y, torch.float32)
+    for k in ref[1]:
+        assert_close(got[1][k]["momentum_buffer"], ref[1][k]["momentum_buffer"], torch.float32)
+
+
+def test_closure_lr_scheduler_and_added_group(backend):
+    def drive(be):
+        m = model()
+        head = torch.nn.Linear(3, 2)
+        torch.nn.init.constant_(head.weight, 0.1)
+        opt = SNGM(m.parameters(), lr=0.2, momentum=0.9, backend=be)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        losses = []
+        for s in range(5):
+            if s == 2:
+                opt.add_param_group({"params": head.parameters(), "lr": 0.05, "nesterov": True})
+            x, y = batch(s)
+
+            def closure():
+                opt.zero_grad()
+                out = m(x) if s < 2 else head(m(x))
+                loss = torch.nn.functional.cross_entropy(out, y % 2 if s >= 2 else y)
+                loss.backward()
+                return loss
+
+            losses.append(opt.step(closure).item())
+            sched.step()
+        return losses, [p.detach().clone() for p in list(m.parameters()) + list(head.parameters())]
+
+    ref_l, ref_p = drive("reference")
+    l, p = drive(backend)
+    assert l == pytest.approx(ref_l, rel=1e-5)
+    for x, y in zip(p, ref_p):
+        assert_close(x, y, torch.float32)
+
+
+def test_params_without_grad_are_untouched(backend):
+    m = model()
+    frozen = list(m.parameters())[0]
+    frozen.requires_grad_(False)
+    before = frozen.detach().clone()
+    opt = SNGM(m.parameters(), lr=0.1, weight_decay=0.1, backend=backend)
+    train(m, opt, 3)
+    assert torch.equal(frozen, before)
+    assert frozen not in opt.state or "momentum_buffer" not in opt.state[frozen]
+
+
+def test_functional_entry_point(backend):
+    torch.manual_seed(0)
+    ps = [torch.randn(5), torch.randn(3, 2)]
+    gs = [torch.randn(5), torch.randn(3, 2)]
+    bufs = [None, None]
+    ref_ps = [p.clone() for p in ps]
+    ref_bufs = [None, None]
+    n = sngm_ext.sngm(ps, gs, bufs, lr=0.1, momentum=0.9, backend=backend)
+    n_ref = sngm_ext.sngm(ref_ps, gs, ref_bufs, lr=0.1, momentum=0.9, backend="reference")
+    assert_close(n, n_ref, torch.float32)
+    for a, b in zip(ps + bufs, ref_ps + ref_bufs):
+        assert_close(a, b, torch.float32)
+    with pytest.raises(ValueError, match="lr"):
+        sngm_ext.sngm(ps, gs, bufs, lr=-1.0)

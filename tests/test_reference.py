@@ -1,0 +1,91 @@
+"""The reference against an independent float64 Algorithm 1, and the paper's invariants."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from oracle import Oracle
+from scenarios import CONFIGS, assert_close, grads_for, group_split, make_params
+from sngm_ext import SNGM
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_reference_matches_float64_algorithm_1(dtype, config):
+    cfg = CONFIGS[config]
+    params = make_params(dtype)
+    split = group_split(params)
+    groups = [dict(params=ps, **h) for ps, h in zip(split, cfg["groups"])]
+    opt = SNGM(groups, backend="reference", norm=cfg["norm"])
+    idx, k = [], 0
+    for ps in split:
+        idx.append(list(range(k, k + len(ps))))
+        k += len(ps)
+    oracle = Oracle([p.detach().double().numpy() for p in params],
+                    list(zip(idx, cfg["groups"])))
+    for step in range(4):
+        grads = grads_for(params, step)
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        n = oracle.step([None if g is None else g.double().numpy() for g in grads], cfg["norm"])
+        assert opt.grad_norm.item() == pytest.approx(n, rel=64 * torch.finfo(dtype).eps)
+    for i, p in enumerate(params):
+        assert_close(p, torch.from_numpy(np.asarray(oracle.w[i])).to(dtype), dtype, f"param {i}")
+        if cfg["groups"][0 if i < 3 else 1].get("momentum", 0.9) != 0 and p.numel():
+            assert_close(opt.state[p]["momentum_buffer"], torch.from_numpy(np.asarray(oracle.u[i])).to(dtype),
+                         dtype, f"momentum {i}")
+
+
+def test_lemma_2_step_is_bounded(backend):
+    """||w_{t+1} - w_t|| <= lr / (1 - momentum) whatever the gradient's scale."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in [(50,), (7, 3), ()]]
+    lr, beta = 0.3, 0.9
+    opt = SNGM(ps, lr=lr, momentum=beta, weight_decay=1e-3, backend=backend)
+    for step in range(25):
+        scale = 10.0 ** ((step % 7) - 3)  # gradients from 1e-3 to 1e3
+        for p in ps:
+            p.grad = scale * torch.randn_like(p)
+        before = torch.cat([p.detach().flatten().double() for p in ps])
+        opt.step()
+        after = torch.cat([p.detach().flatten().double() for p in ps])
+        assert (after - before).norm() <= lr / (1 - beta) * (1 + 1e-6)
+
+
+def test_lars_counterexample_sngm_reaches_the_optimum():
+    """Section 4.2: on F(x) = 0.5 (x + 1)^2 from x0 > 0, LARS with phi(z) = z goes to 0; SNGM to -1."""
+    x = torch.nn.Parameter(torch.tensor([2.0], dtype=torch.float64))
+    opt = SNGM([x], lr=0.01, momentum=0.9, backend="reference")
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3000)
+    for _ in range(3000):
+        opt.zero_grad()
+        loss = 0.5 * (x + 1) ** 2
+        loss.sum().backward()
+        opt.step()
+        sched.step()
+    assert abs(x.item() + 1) < 1e-3
+
+    # LARS as the paper writes it, x <- x - lr * |x| * g / |g|: converges to 0, not -1.
+    z = 2.0
+    for _ in range(3000):
+        g = z + 1
+        z = z - 0.01 * abs(z) * math.copysign(1.0, g)
+    assert abs(z) < 1e-3 and abs(z + 1) > 0.99
+
+
+def test_zero_gradient_leaves_params_and_decays_nothing(backend):
+    """n == 0: d / n := 0, so params stay and momentum decays by beta."""
+    p = torch.nn.Parameter(torch.ones(5))
+    opt = SNGM([p], lr=0.1, momentum=0.5, backend=backend)
+    p.grad = torch.ones(5)
+    opt.step()
+    u1 = opt.state[p]["momentum_buffer"].clone()
+    w1 = p.detach().clone()
+    p.grad = torch.zeros(5)
+    opt.step()
+    assert torch.isfinite(opt.grad_norm) and opt.grad_norm.item() == 0.0
+    np.testing.assert_allclose(opt.state[p]["momentum_buffer"].numpy(), 0.5 * u1.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(p.detach().numpy(), (w1 - 0.1 * 0.5 * u1).numpy(), rtol=1e-6)
