@@ -41,7 +41,7 @@ def _update_kernel(
     seg = tl.load(chunks_ptr + 2 * n_chunks + pid)
     n = tl.sqrt(tl.load(sumsq_ptr + seg))
     # 1/n in the norm's dtype, then to the compute dtype (the reference does the same); 0 if n == 0.
-    inv = tl.where(n > 0.0, 1.0 / n, 0.0)
+    inv = tl.where(n > 0.0, 1.0 / tl.where(n > 0.0, n, 1.0), 0.0)
     idx = tl.arange(0, BLOCK)
     offs = start + idx
     mask = idx < length
