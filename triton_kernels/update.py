@@ -105,5 +105,12 @@ def update(
         BLOCK=CHUNK,
         HAS_MOMENTUM=has_mom,
         FP64=param.dtype == torch.float64,
-        num_warps=8,
+        num_warps=num_warps(param.dtype),
     )
+
+
+def num_warps(dtype) -> int:
+    """8 warps: 16 elements per thread, four 128-bit loads per fp32 tensor, 64 registers at sm_90
+    (scripts/triton_aot_check.py). fp64 at 8 warps needs 130 registers (one block per SM
+    resident); 16 warps halve the elements per thread."""
+    return 16 if dtype == torch.float64 else 8
