@@ -1,0 +1,708 @@
+#!/usr/bin/env python
+"""Time one optimizer step: SNGM (every backend on this machine) against torch.optim.SGD.
+
+    python benchmarks/bench_step.py                 # quick: ResNet-20 and ResNet-50 shapes (GPU: + GPT-2)
+    python benchmarks/bench_step.py --full          # + GPT-2 / 1B decoder, tensor-count and size sweeps
+    python benchmarks/bench_step.py --device cuda --out DIR
+
+Variants (all with lr=0.1, momentum=0.9, weight_decay=1e-4):
+
+    sgd-forloop        torch.optim.SGD(foreach=False)
+    sgd-foreach        torch.optim.SGD(foreach=True)
+    sgd-fused          torch.optim.SGD(fused=True)            where torch has it for the device
+    sngm-foreach       SNGM written with torch._foreach_* ops (benchmarks/foreach_sngm.py)
+    sngm-reference     sngm_ext.SNGM(backend="reference")
+    sngm-<backend>     sngm_ext.SNGM(backend=...) for each fused backend that runs here
+                       (triton and cuda on a GPU, cpu on a CPU), grads already views of the
+                       optimizer's flat grad bucket: the steady state of a loop that zeroes
+                       grads with zero_grad(set_to_none=False)
+    sngm-<backend>+gather  the same optimizer when every .grad is a fresh tensor (autograd's after
+                       zero_grad(set_to_none=True), torch's default): the step first copies the
+                       grads into its bucket
+
+Bytes model (bytes per param element of the params' dtype, s bytes each): what the step must move.
+    SGD with momentum       read g, w, u; write w, u                               5 s
+    SNGM                    phase 1 (norm) reads g, and w when weight_decay != 0;
+                            phase 2 reads g, w, u and writes w, u                  7 s  (6 s without wd)
+    SNGM +gather            + read the fresh grad, write it into the bucket        9 s  (8 s)
+GB/s = bytes / median step time; "of copy" divides that by the bandwidth of dst.copy_(src)
+(2 x size bytes) measured in the same run. Extra memory: bytes of the tensors the optimizer holds
+beyond the params and the grads the params point at (momentum, flat buckets, partial sums).
+
+Results: a table on stdout (progress on stderr), and under --out (benchmarks/results/ by default)
+step_<cpu|gpu>_<date>.json / .png / .md plus latest_<cpu|gpu>.json / .png / .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+from foreach_sngm import ForeachSNGM  # noqa: E402
+from param_sets import ParamSet, by_name, sets_for  # noqa: E402
+from timing import Case, Progress, Timer, copy_bandwidth, run_interleaved, summarize  # noqa: E402
+
+LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 1e-4
+HYPER = dict(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+# The reference backend keeps a full fp32 copy of the directions plus temporaries: above this many
+# params it is left out on a GPU (it would not fit beside the other variants).
+REFERENCE_MAX_NUMEL_GPU = 300_000_000
+
+BYTES_MODEL = {
+    "unit": "bytes per param element, s = element size of the params' dtype",
+    "sgd": "5 s: read grad, param, momentum; write param, momentum",
+    "sngm": "7 s (6 s when weight_decay == 0): phase 1 reads grad (+ param for weight decay); "
+    "phase 2 reads grad, param, momentum and writes param, momentum",
+    "sngm+gather": "9 s (8 s): as sngm, plus copying each fresh .grad into the flat grad bucket "
+    "(read + write)",
+    "copy": "dst.copy_(src): 2 x size bytes",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# variants
+
+
+@dataclass
+class VariantSpec:
+    name: str
+    family: str  # "sgd" or "sngm"
+    impl: str
+    backend: Optional[str] = None  # sngm_ext backend
+    grads: str = "given"  # "given" (grads set once), "bucket" (views of the bucket), "fresh"
+
+    def bytes_per_elem(self, weight_decay: float = WEIGHT_DECAY) -> int:
+        if self.family == "sgd":
+            return 5
+        n = 6 + (weight_decay != 0)
+        return n + 2 if self.grads == "fresh" else n
+
+    def bytes_model(self) -> str:
+        if self.family == "sgd":
+            return BYTES_MODEL["sgd"]
+        return BYTES_MODEL["sngm+gather" if self.grads == "fresh" else "sngm"]
+
+
+def _sgd_fused_ok(device: torch.device) -> Optional[str]:
+    """None when torch.optim.SGD(fused=True) runs on ``device``, else why not."""
+    try:
+        p = torch.nn.Parameter(torch.zeros(4, device=device))
+        p.grad = torch.ones(4, device=device)
+        torch.optim.SGD([p], fused=True, **HYPER).step()
+        return None
+    except (RuntimeError, ValueError) as e:
+        return str(e).splitlines()[0]
+
+
+def sngm_backends(device: torch.device) -> Dict[str, Optional[str]]:
+    """Fused sngm_ext backends that could run on ``device``: name -> None (runs) or why not."""
+    import sngm_ext
+
+    names = ["triton", "cuda"] if device.type == "cuda" else ["cpu"]
+    out: Dict[str, Optional[str]] = {}
+    for name in names:
+        try:
+            sngm_ext.resolve_backend(name, device)
+            out[name] = None
+        except sngm_ext.BackendUnavailable as e:
+            out[name] = str(e).splitlines()[0]
+        except Exception as e:  # a broken build must not stop the benchmark
+            out[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return out
+
+
+def variant_specs(device: torch.device) -> tuple:
+    """(specs that run here, {name: why not} for those left out)."""
+    specs = [
+        VariantSpec("sgd-forloop", "sgd", "torch.optim.SGD(foreach=False)"),
+        VariantSpec("sgd-foreach", "sgd", "torch.optim.SGD(foreach=True)"),
+    ]
+    missing: Dict[str, str] = {}
+    why = _sgd_fused_ok(device)
+    if why is None:
+        specs.append(VariantSpec("sgd-fused", "sgd", "torch.optim.SGD(fused=True)"))
+    else:
+        missing["sgd-fused"] = why
+    specs.append(VariantSpec("sngm-foreach", "sngm", "benchmarks/foreach_sngm.py ForeachSNGM"))
+    specs.append(VariantSpec("sngm-reference", "sngm", "sngm_ext.SNGM(backend='reference')",
+                             backend="reference"))
+    for name, why in sngm_backends(device).items():
+        if why is not None:
+            missing[f"sngm-{name}"] = why
+            continue
+        impl = f"sngm_ext.SNGM(backend='{name}')"
+        specs.append(VariantSpec(f"sngm-{name}", "sngm", impl, backend=name, grads="bucket"))
+        specs.append(VariantSpec(f"sngm-{name}+gather", "sngm", impl, backend=name, grads="fresh"))
+    return specs, missing
+
+
+@dataclass
+class Built:
+    spec: VariantSpec
+    opt: torch.optim.Optimizer
+    params: List[torch.Tensor]
+    step: Callable[[], object]
+    before: Optional[Callable[[], object]] = None
+
+
+class Workload:
+    """The tensors of one param set on one device, and the optimizers that step them.
+
+    The grads are made once (the state after backward) and shared. The SGD variants, the foreach
+    SNGM and the reference SNGM step one shared list of params (each with its own momentum); each
+    fused SNGM backend gets its own copy, since it moves the params into its flat bucket. The
+    bucket-view and +gather variants of a backend share one optimizer.
+    """
+
+    def __init__(self, pset: ParamSet, device: torch.device, seed: int = 0):
+        self.pset = pset
+        self.device = device
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.grads = [self._rand(s, gen, 1e-3) for s in pset.shapes]
+        self.shared = [torch.nn.Parameter(self._rand(s, gen, 0.02)) for s in pset.shapes]
+        for p, g in zip(self.shared, self.grads):
+            p.grad = g
+        self._own: Dict[str, Built] = {}
+
+    def _rand(self, shape, gen, scale) -> torch.Tensor:
+        if self.device.type == "cuda":  # fast on the device; values do not matter for timing
+            t = torch.randn(shape, device=self.device, dtype=torch.float32)
+        else:
+            t = torch.randn(shape, generator=gen, dtype=torch.float32)
+        return (t * scale).to(self.pset.dtype)
+
+    def build(self, spec: VariantSpec) -> Built:
+        if spec.family == "sgd":
+            kw = dict(HYPER)
+            if spec.name == "sgd-forloop":
+                kw["foreach"] = False
+            elif spec.name == "sgd-foreach":
+                kw["foreach"] = True
+            else:
+                kw["fused"] = True
+            opt = torch.optim.SGD(self.shared, **kw)
+            return Built(spec, opt, self.shared, opt.step)
+        if spec.name == "sngm-foreach":
+            opt = ForeachSNGM(self.shared, **HYPER)
+            return Built(spec, opt, self.shared, opt.step)
+        from sngm_ext import SNGM
+
+        if spec.backend == "reference":
+            opt = SNGM(self.shared, backend="reference", **HYPER)
+            return Built(spec, opt, self.shared, opt.step)
+        base = self._own.get(spec.backend)
+        if base is None:
+            params = [torch.nn.Parameter(p.detach().clone()) for p in self.shared]
+            for p, g in zip(params, self.grads):
+                p.grad = g
+            opt = SNGM(params, backend=spec.backend, **HYPER)
+            base = self._own[spec.backend] = Built(spec, opt, params, opt.step)
+        if spec.grads == "fresh":
+            params, grads = base.params, self.grads
+
+            def fresh():
+                for p, g in zip(params, grads):
+                    p.grad = g
+
+            return Built(spec, base.opt, base.params, base.opt.step, fresh)
+        return Built(spec, base.opt, base.params, base.opt.step)
+
+
+# --------------------------------------------------------------------------------------------
+# memory held by an optimizer
+
+
+def _tensors_in(obj, out: List[torch.Tensor], depth: int = 0) -> None:
+    if depth > 6:
+        return
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _tensors_in(v, out, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _tensors_in(v, out, depth + 1)
+
+
+def held_tensors(opt: torch.optim.Optimizer) -> List[torch.Tensor]:
+    """Tensors an optimizer keeps between steps (its state, and sngm_ext's flat buckets)."""
+    out: List[torch.Tensor] = []
+    _tensors_in(list(opt.state.values()), out)
+    for attr in ("grad_norm", "_skipped"):
+        _tensors_in(getattr(opt, attr, None), out)
+    bs = getattr(opt, "_buckets", None)
+    if bs is not None:
+        for b in getattr(bs, "buckets", []):
+            _tensors_in([getattr(b, k, None) for k in ("param", "grad", "momentum")], out)
+        for plan in getattr(bs, "plans", {}).values():
+            _tensors_in([getattr(plan, k, None) for k in ("chunks", "partials", "seg_ptr")], out)
+    return out
+
+
+def extra_bytes(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> int:
+    """Bytes of storage the optimizer holds beyond the params and the grads they point at."""
+
+    def key(t):
+        return (t.device, t.untyped_storage().data_ptr())
+
+    exclude = set()
+    for p in params:
+        exclude.add(key(p))
+        if p.grad is not None:
+            exclude.add(key(p.grad))
+    seen: Dict[tuple, int] = {}
+    for t in held_tensors(opt):
+        k = key(t)
+        if k not in exclude and k not in seen:
+            seen[k] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+# --------------------------------------------------------------------------------------------
+# one run
+
+
+def _git(*args) -> Optional[str]:
+    try:
+        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def _version(pkg: str) -> Optional[str]:
+    try:
+        from importlib.metadata import version
+
+        return version(pkg)
+    except Exception:
+        return None
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> Dict[str, object]:
+    import sngm_ext
+
+    info: Dict[str, object] = {
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "cpu_name": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "sngm_ext": getattr(sngm_ext, "__version__", None),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu_memory_bytes"] = props.total_memory
+        info["gpu_l2_bytes"] = getattr(props, "L2_cache_size", None)
+        info["gpu_capability"] = f"{props.major}.{props.minor}"
+    return info
+
+
+@dataclass
+class Settings:
+    warmup: int
+    rounds: int
+    per_round: int
+    min_rounds: int
+    max_per_round: int
+    warmup_budget_s: float  # warm-up stops after 2 steps once it took this long
+    budget_s: float  # per param set: rounds are cut (not below min_rounds) to stay under it
+
+
+def measure_set(pset: ParamSet, device: torch.device, specs: Sequence[VariantSpec],
+                timer: Timer, settings: Settings, progress: Progress) -> Dict[str, object]:
+    label = f"{pset.name}:"
+    progress.update(f"{label} building {pset.numel:,} params in {pset.n_tensors} tensors", force=True)
+    wl = Workload(pset, device)
+    built: List[Built] = []
+    skipped: Dict[str, str] = {}
+    est: Dict[str, float] = {}
+    for spec in specs:
+        if (spec.backend == "reference" and device.type == "cuda"
+                and pset.numel > REFERENCE_MAX_NUMEL_GPU):
+            skipped[spec.name] = (f"left out above {REFERENCE_MAX_NUMEL_GPU:,} params on a GPU "
+                                  "(memory for its fp32 temporaries)")
+            continue
+        try:
+            b = wl.build(spec)
+            progress.update(f"{label} warm-up {spec.name}")
+            times = []  # the first step builds state (momentum, buckets): never an estimate
+            while len(times) < settings.warmup:
+                if b.before:
+                    b.before()
+                times.append(timer(b.step))
+                if len(times) >= 2 and sum(times) > settings.warmup_budget_s:
+                    break
+            est[spec.name] = max(min(times[1:] or times), 1e-7)
+            built.append(b)
+        except torch.cuda.OutOfMemoryError as e:  # type: ignore[attr-defined]
+            skipped[spec.name] = f"out of memory: {str(e).splitlines()[0]}"
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    # Size the sampling to the budget from the warm-up times: fast variants get more samples per
+    # round (a noisy shared CPU needs them), slow ones fewer rounds (not below min_rounds).
+    per_case = settings.budget_s / max(settings.rounds * len(built), 1)
+    n_per = {k: max(settings.per_round, min(settings.max_per_round, int(per_case / t)))
+             for k, t in est.items()}
+    round_s = sum(n_per[k] * est[k] for k in est)
+    rounds = settings.rounds
+    if round_s > 0:
+        rounds = max(settings.min_rounds, min(rounds, int(settings.budget_s / round_s)))
+
+    cases = [Case(b.spec.name, b.step, b.before, n_per[b.spec.name]) for b in built]
+    samples = run_interleaved(timer, cases, warmup=0, rounds=rounds, per_round=settings.per_round,
+                              progress=progress, label=label)
+
+    rows = []
+    for b in built:
+        st = summarize(samples[b.spec.name])
+        if b.before:
+            b.before()  # fresh grads in place: the grad bucket is extra memory then
+        extra = extra_bytes(b.opt, b.params)
+        peak = None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            b.step()
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device) - base
+        elif b.before:
+            b.step()
+        nbytes = b.spec.bytes_per_elem() * pset.elem_size * pset.numel
+        rows.append({
+            "variant": b.spec.name,
+            "family": b.spec.family,
+            "impl": b.spec.impl,
+            "backend": b.spec.backend,
+            "grads": b.spec.grads,
+            "bytes_per_elem": b.spec.bytes_per_elem() * pset.elem_size,
+            "bytes_model": b.spec.bytes_model(),
+            "bytes_per_step": nbytes,
+            **st,
+            "gbps": nbytes / st["median_s"] / 1e9,
+            "extra_bytes": extra,
+            "peak_step_bytes": peak,
+            "samples_s": samples[b.spec.name],
+        })
+    sgd = [r for r in rows if r["family"] == "sgd"]
+    best = min(sgd, key=lambda r: r["median_s"]) if sgd else None
+    for r in rows:
+        r["ratio_vs_best_sgd"] = r["median_s"] / best["median_s"] if best else None
+    del built, wl
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {
+        "name": pset.name,
+        "note": pset.note,
+        "kind": pset.kind,
+        "numel": pset.numel,
+        "n_tensors": pset.n_tensors,
+        "dtype": pset.dtype_name(),
+        "rounds": rounds,
+        "per_round": n_per,
+        "warmup": settings.warmup,
+        "best_sgd": best["variant"] if best else None,
+        "variants": rows,
+        "skipped": skipped,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# output
+
+
+def _mb(n: Optional[int]) -> str:
+    return "-" if n is None else f"{n / 2**20:,.1f}"
+
+
+def _ms(s: float) -> str:
+    ms = s * 1e3
+    return f"{ms:.3f}" if ms < 10 else f"{ms:.2f}" if ms < 100 else f"{ms:.1f}"
+
+
+def set_title(res: Dict[str, object]) -> str:
+    return (f"{res['name']}: {res['note']}, {res['numel']:,} params in {res['n_tensors']} tensors, "
+            f"{res['dtype']}")
+
+
+def table_rows(res: Dict[str, object], copy_gbps: float, cuda: bool) -> List[List[str]]:
+    rows = []
+    for r in res["variants"]:
+        ratio = r["ratio_vs_best_sgd"]
+        row = [
+            r["variant"],
+            _ms(r["median_s"]),
+            f"{_ms(r['p25_s'])}-{_ms(r['p75_s'])}",
+            "-" if ratio is None else f"{ratio:.2f}x",
+            f"{r['gbps']:.1f}",
+            f"{100 * r['gbps'] / copy_gbps:.0f}%",
+            _mb(r["extra_bytes"]),
+        ]
+        if cuda:
+            row.append(_mb(r["peak_step_bytes"]))
+        rows.append(row)
+    return rows
+
+
+HEADERS = ["variant", "median ms", "p25-p75 ms", "vs best SGD", "GB/s", "of copy", "extra MiB"]
+
+
+def format_table(res, copy_gbps: float, cuda: bool) -> str:
+    headers = HEADERS + (["step peak MiB"] if cuda else [])
+    rows = table_rows(res, copy_gbps, cuda)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    lines = [set_title(res) + f"  [best SGD: {res['best_sgd']}; {res['rounds']} rounds]"]
+    fmt = lambda cells: "  ".join(  # noqa: E731
+        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    lines.append(fmt(headers))
+    lines.append("  ".join("-" * w for w in widths))
+    lines += [fmt(r) for r in rows]
+    for name, why in res["skipped"].items():
+        lines.append(f"  ({name}: {why})")
+    return "\n".join(lines)
+
+
+def format_markdown(report: Dict[str, object], json_name: str) -> str:
+    m = report["machine"]
+    cuda = m["device"] == "cuda"
+    out = [
+        f"**{m['device_name']}** ({m['device']}, {m['torch_threads']} torch threads), "
+        f"torch {m['torch']}, triton {m['triton']}, sngm_ext {m['sngm_ext']}, "
+        f"commit `{(m['git_commit'] or '?')[:10]}`, {m['date']}; copy bandwidth "
+        f"{report['copy']['gbps']:.1f} GB/s. Data: [{json_name}]({json_name}).",
+        "",
+    ]
+    headers = HEADERS + (["step peak MiB"] if cuda else [])
+    for res in report["sets"]:
+        out.append(f"*{set_title(res)}*")
+        out.append("")
+        out.append("| " + " | ".join(headers) + " |")
+        out.append("|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|")
+        for r in table_rows(res, report["copy"]["gbps"], cuda):
+            out.append("| " + " | ".join(r) + " |")
+        for name, why in res["skipped"].items():
+            out.append(f"\n({name} left out: {why})")
+        out.append("")
+    if report.get("unavailable"):
+        out.append("Not measured here: " + "; ".join(
+            f"{k} ({v})" for k, v in report["unavailable"].items()))
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(report: Dict[str, object], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = report["sets"]
+    models = [s for s in sets if s["kind"] == "model"]
+    counts = [s for s in sets if s["kind"] == "count-sweep"]
+    sizes = [s for s in sets if s["kind"] == "size-sweep"]
+    panels = [p for p in (models, counts, sizes) if p]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
+    axes = axes[0]
+    names: List[str] = []
+    for s in sets:
+        for r in s["variants"]:
+            if r["variant"] not in names:
+                names.append(r["variant"])
+    colors = {n: plt.cm.tab10(i % 10) for i, n in enumerate(names)}
+    ai = 0
+    if models:
+        ax = axes[ai]
+        ai += 1
+        width = 0.8 / max(len(names), 1)
+        for j, n in enumerate(names):
+            xs, ys = [], []
+            for i, s in enumerate(models):
+                for r in s["variants"]:
+                    if r["variant"] == n and r["ratio_vs_best_sgd"] is not None:
+                        xs.append(i + (j - (len(names) - 1) / 2) * width)
+                        ys.append(r["ratio_vs_best_sgd"])
+            ax.bar(xs, ys, width, label=n, color=colors[n])
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xticks(range(len(models)))
+        ax.set_xticklabels([f"{s['name']}\n{s['numel'] / 1e6:,.1f}M, {s['n_tensors']} t" for s in models])
+        ax.set_yscale("log")
+        ax.set_ylabel("step time / best torch SGD (lower is better)")
+        ax.set_title("model-shaped parameter sets")
+        ax.legend(fontsize=7)
+    for group, xkey, xlabel, title in (
+        (counts, "n_tensors", "number of tensors", f"fixed total size"),
+        (sizes, "numel", "total params", "fixed tensor count"),
+    ):
+        if not group:
+            continue
+        ax = axes[ai]
+        ai += 1
+        for n in names:
+            pts = [(s[xkey], r["median_s"] * 1e3) for s in group for r in s["variants"]
+                   if r["variant"] == n]
+            if pts:
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=n, color=colors[n])
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("median step time (ms)")
+        sub = (f"{group[0]['numel']:,} params" if xkey == "n_tensors"
+               else f"{group[0]['n_tensors']} tensors")
+        ax.set_title(f"{title} ({sub})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    m = report["machine"]
+    fig.suptitle(f"SNGM step vs torch.optim.SGD on {m['device_name']} ({m['torch_threads']} threads) - "
+                 f"torch {m['torch']}, triton {m['triton']}, {m['date'][:10]}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true",
+                    help="all sets and the tensor-count / size sweeps (minutes)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                    help="default: cuda when available, else cpu")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"), help="results directory")
+    ap.add_argument("--sets", default=None,
+                    help="comma-separated model sets instead of the default list "
+                         "(resnet20,resnet50,gpt2,decoder1b)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds per set (max)")
+    ap.add_argument("--no-save", action="store_true", help="print the table, write no files")
+    args = ap.parse_args(argv)
+
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
+    device = torch.device(dev)
+    if args.sets:
+        psets = [by_name(n.strip()) for n in args.sets.split(",") if n.strip()]
+    else:
+        psets = sets_for(dev, args.full)
+    gpu = dev == "cuda"
+    if args.full:
+        settings = Settings(warmup=3, rounds=9, per_round=3, min_rounds=3, max_per_round=50, warmup_budget_s=3.0,
+                            budget_s=30.0 if gpu else 60.0)
+    else:
+        settings = Settings(warmup=2, rounds=7, per_round=2, min_rounds=3, max_per_round=30, warmup_budget_s=1.0,
+                            budget_s=10.0 if gpu else 20.0)
+    if args.rounds:
+        settings.rounds = args.rounds
+        settings.min_rounds = min(settings.min_rounds, args.rounds)
+
+    progress = Progress()
+    progress.update("checking backends", force=True)
+    specs, unavailable = variant_specs(device)
+    machine = machine_info(device)
+    timer = Timer(device)
+    copy = copy_bandwidth(device, (1 << 30) if gpu else (1 << 28), timer,
+                          samples=10, progress=progress)
+    progress.done(
+        f"{machine['device_name']} ({dev}, {machine['torch_threads']} threads), torch "
+        f"{machine['torch']}, triton {machine['triton']}; copy {copy['gbps']:.1f} GB/s; variants: "
+        + ", ".join(s.name for s in specs)
+        + ("; not here: " + ", ".join(unavailable) if unavailable else ""))
+
+    results = []
+    for i, ps in enumerate(psets):
+        res = measure_set(ps, device, specs, timer, settings, progress)
+        results.append(res)
+        progress.done()
+        print(format_table(res, copy["gbps"], gpu), end="\n\n", flush=True)
+
+    report = {
+        "schema": "sngm-ext/bench_step/1",
+        "machine": machine,
+        "mode": "full" if args.full else "quick",
+        "argv": sys.argv if argv is None else ["bench_step.py", *argv],
+        "hyper": HYPER,
+        "timing": {
+            "cpu": "perf_counter around step(), back to back, caches not flushed",
+            "cuda": "device events around step() on an idle stream after zeroing 2x L2; host "
+                    "launch time counts where the GPU waits for it",
+            "interleaving": "rounds x per_round samples per variant, order rotated each round",
+            "warmup_steps": settings.warmup,
+            "flush_bytes": timer.flush_bytes,
+        },
+        "bytes_model": BYTES_MODEL,
+        "copy": {k: v for k, v in copy.items()},
+        "unavailable": unavailable,
+        "sets": results,
+    }
+    if not args.no_save:
+        os.makedirs(args.out, exist_ok=True)
+        kind = "gpu" if gpu else "cpu"
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = os.path.join(args.out, f"step_{kind}_{stamp}")
+        with open(base + ".json", "w") as f:
+            json.dump(report, f, indent=1)
+        with open(base + ".md", "w") as f:
+            f.write(format_markdown(report, os.path.basename(base) + ".json"))
+        written = [base + ".json", base + ".md"]
+        try:
+            plot(report, base + ".png")
+            written.append(base + ".png")
+        except Exception as e:  # a plot problem must not lose the numbers
+            print(f"(plot failed: {type(e).__name__}: {e})", file=sys.stderr)
+        for src in written:
+            ext = os.path.splitext(src)[1]
+            dst = os.path.join(args.out, f"latest_{kind}{ext}")
+            if ext == ".md":
+                with open(dst, "w") as f:
+                    f.write(format_markdown(report, os.path.basename(base) + ".json"))
+            else:
+                shutil.copyfile(src, dst)
+        print("wrote " + ", ".join(os.path.relpath(p) for p in written)
+              + f" (and latest_{kind}.*)")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Timing of optimizer steps: warm-up, interleaved rounds, medians with spread.
+
+One *sample* is one optimizer step:
+
+* CPU: wall time of ``step()`` (``time.perf_counter``), back to back; nothing is flushed, so a set
+  that fits in the last-level cache is timed warm, as in a tight training loop.
+* GPU: the stream is idle before the sample (an L2-sized buffer is zeroed first, to evict the
+  previous step's data, then the host synchronizes), the sample is the device-event time from just
+  before the first launch to the end of the last kernel. The host launch overhead therefore counts
+  whenever the GPU would wait for it (the for-loop variants), as it does for a step issued on an
+  idle stream.
+
+Rounds are interleaved: every round runs each variant for ``per_round`` samples, in an order
+rotated by one each round, so that drift of the machine (clock, neighbours on a shared CPU) hits
+every variant alike. Statistics are over all samples of all rounds.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+
+class Progress:
+    """One line on stderr, rewritten in place on a terminal; plain lines now and then elsewhere."""
+
+    def __init__(self, stream=sys.stderr, enabled: bool = True):
+        self.stream = stream
+        self.enabled = enabled
+        self.tty = enabled and hasattr(stream, "isatty") and stream.isatty()
+        self.t0 = time.perf_counter()
+        self._last_plain = 0.0
+        self._width = 0
+
+    def update(self, msg: str, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.t0
+        line = f"[{elapsed:6.1f}s] {msg}"
+        if self.tty:
+            pad = max(self._width - len(line), 0)
+            self.stream.write("\r" + line + " " * pad)
+            self._width = len(line)
+            self.stream.flush()
+        elif force or elapsed - self._last_plain >= 5.0:
+            self._last_plain = elapsed
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def done(self, msg: str = "") -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self._width = 0
+        if msg:
+            self.stream.write(msg + "\n")
+        self.stream.flush()
+
+
+class Timer:
+    """Times one call of a function on ``device`` (see the module docstring)."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.flush_buf: Optional[torch.Tensor] = None
+        if self.cuda:
+            props = torch.cuda.get_device_properties(self.device)
+            l2 = int(getattr(props, "L2_cache_size", 0) or (50 << 20))
+            self.flush_bytes = 2 * l2
+            self.flush_buf = torch.empty(self.flush_bytes // 4, dtype=torch.int32, device=self.device)
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+        else:
+            self.flush_bytes = 0
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def flush(self) -> None:
+        if self.flush_buf is not None:
+            self.flush_buf.zero_()
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        """Seconds that one call of ``fn`` takes."""
+        if self.cuda:
+            self.flush()
+            torch.cuda.synchronize(self.device)
+            self._start.record()
+            fn()
+            self._end.record()
+            self._end.synchronize()
+            return self._start.elapsed_time(self._end) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+@dataclass
+class Case:
+    """A variant to time: ``step`` is timed, ``before`` (untimed) runs before every sample."""
+
+    name: str
+    step: Callable[[], object]
+    before: Optional[Callable[[], object]] = None
+    per_round: Optional[int] = None  # samples per round; None: run_interleaved's per_round
+
+
+def run_interleaved(
+    timer: Timer,
+    cases: Sequence[Case],
+    *,
+    warmup: int,
+    rounds: int,
+    per_round: int,
+    progress: Optional[Progress] = None,
+    label: str = "",
+) -> Dict[str, List[float]]:
+    """Samples (seconds) per case name, after ``warmup`` untimed steps of each case."""
+    samples: Dict[str, List[float]] = {c.name: [] for c in cases}
+    for c in cases:
+        if progress:
+            progress.update(f"{label} warm-up {c.name}")
+        for _ in range(warmup):
+            if c.before:
+                c.before()
+            c.step()
+        timer.sync()
+    k = len(cases)
+    for r in range(rounds):
+        order = [cases[(r + i) % k] for i in range(k)]
+        for c in order:
+            if progress:
+                progress.update(f"{label} round {r + 1}/{rounds} {c.name}")
+            for _ in range(c.per_round or per_round):
+                if c.before:
+                    c.before()
+                samples[c.name].append(timer(c.step))
+    return samples
+
+
+def summarize(xs: Sequence[float]) -> Dict[str, float]:
+    """Median, quartiles, min and max of the samples (seconds), and their count."""
+    xs = sorted(xs)
+    if not xs:
+        return {"n": 0}
+    if len(xs) >= 2:
+        q = statistics.quantiles(xs, n=4, method="inclusive")
+        p25, p75 = q[0], q[2]
+    else:
+        p25 = p75 = xs[0]
+    return {
+        "n": len(xs),
+        "median_s": statistics.median(xs),
+        "p25_s": p25,
+        "p75_s": p75,
+        "min_s": xs[0],
+        "max_s": xs[-1],
+    }
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, timer: Timer, samples: int = 10,
+                   progress: Optional[Progress] = None) -> Dict[str, float]:
+    """GB/s of ``dst.copy_(src)`` on ``nbytes``-sized fp32 tensors; bytes moved = 2 x nbytes."""
+    n = nbytes // 4
+    src = torch.randn(n, device=device) if device.type == "cuda" else torch.ones(n)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    timer.sync()
+    xs = []
+    for i in range(samples):
+        if progress:
+            progress.update(f"copy bandwidth {i + 1}/{samples}")
+        xs.append(timer(lambda: dst.copy_(src)))
+    del src, dst
+    st = summarize(xs)
+    st["bytes"] = 2 * n * 4
+    st["gbps"] = st["bytes"] / st["median_s"] / 1e9
+    st["samples_s"] = xs
+    return st
