@@ -8,10 +8,11 @@ from torch import Tensor
 
 
 class TensorGroup(NamedTuple):
-    """One param group's tensors that take part in this step (params whose grad is not None).
+    """One param group's tensors and hyper-parameters for one step.
 
-    ``momentum_buffers[i]`` is the buffer of ``params[i]``; it is ``None`` where the group has
-    ``momentum == 0`` (torch.optim.SGD stores ``None`` there too).
+    ``grads[i]`` is the gradient of ``params[i]``, or None when that param sits this step out.
+    ``momentum_buffers[i]`` is its buffer: None where the group has ``momentum == 0`` (as in
+    torch.optim.SGD) or where the param has none yet (it starts from zero).
     """
 
     params: List[Tensor]
@@ -22,6 +23,11 @@ class TensorGroup(NamedTuple):
     weight_decay: float
     nesterov: bool
     maximize: bool
+
+
+def present(grp: TensorGroup):
+    """(index, param, grad) of the params that take part in this step."""
+    return [(i, p, g) for i, (p, g) in enumerate(zip(grp.params, grp.grads)) if g is not None]
 
 
 def compute_dtype(dtype):

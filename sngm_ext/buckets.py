@@ -57,10 +57,15 @@ class LayoutChanged(RuntimeError):
 
 
 class Bucket:
-    """Params of one param group that share a dtype (and the optimizer's one device)."""
+    """Params of one param group that share a dtype (and the optimizer's one device).
 
-    def __init__(self, group_index: int, params: Sequence[Tensor], adopt: bool = True):
+    ``index[k]`` is the position of ``params[k]`` in its group's param list.
+    """
+
+    def __init__(self, group_index: int, index: Sequence[int], params: Sequence[Tensor],
+                 adopt: bool = True):
         self.group_index = group_index
+        self.index: List[int] = list(index)
         self.params: List[Tensor] = list(params)
         self.dtype = params[0].dtype
         self.device = params[0].device
@@ -77,14 +82,15 @@ class Bucket:
         self.grad = torch.zeros(total, **kw)
         self.momentum: Optional[Tensor] = None
         self.param_views = self._views(self.param)
+        self.param_ptrs = [v.data_ptr() for v in self.param_views]
         self.grad_views = self._views(self.grad)
         self.momentum_views: Optional[List[Tensor]] = None
-        # adopted[i]: params[i] *is* its view (p.data was re-pointed); else copied in and out.
+        # adopted[k]: params[k] *is* its view (p.data was re-pointed); else copied in and out.
         self.adopted: List[bool] = []
         with torch.no_grad():
             for p, v in zip(self.params, self.param_views):
                 v.copy_(p.detach())
-                own = adopt and owns_storage(p)
+                own = adopt and owns_storage(p) and p.numel() > 0
                 if own:
                     p.data = v
                 self.adopted.append(own)
@@ -98,76 +104,74 @@ class Bucket:
             self.momentum_views = self._views(self.momentum)
         return self.momentum_views
 
-    def check_layout(self) -> None:
-        for p, s in zip(self.params, self.shapes):
-            if p.shape != s or p.dtype != self.dtype or p.device != self.device:
-                raise LayoutChanged(
-                    f"a param changed from {tuple(s)} {self.dtype} on {self.device} to "
-                    f"{tuple(p.shape)} {p.dtype} on {p.device}"
-                )
+    def _check_layout(self, k: int) -> None:
+        p, s = self.params[k], self.shapes[k]
+        if p.shape != s or p.dtype != self.dtype or p.device != self.device:
+            raise LayoutChanged(
+                f"a param changed from {tuple(s)} {self.dtype} on {self.device} to "
+                f"{tuple(p.shape)} {p.dtype} on {p.device}"
+            )
 
-    def sync(
-        self,
-        grads: Sequence[Optional[Tensor]],
-        momentum_buffers: Optional[Sequence[Optional[Tensor]]],
-        dst: List[Tensor],
-        src: List[Tensor],
-    ) -> Tuple[Tuple[bool, ...], List[Tensor], List[Optional[Tensor]]]:
-        """Make the bucket hold this step's values.
+    def sync(self, grp, pending: "Pending") -> Tuple[bool, ...]:
+        """Find what this step must copy into the bucket; returns which params take part.
 
-        ``grads[i]`` is params[i]'s grad (None: not in this step); ``momentum_buffers`` is None when
-        the group has no momentum, else the current buffer per param (None: start from zero).
-        Appends the copies still to do to ``dst``/``src`` (the caller issues one ``_foreach_copy_``
-        for all buckets) and returns the present-mask plus the grad and momentum tensors the
-        params should point at from now on.
+        ``grp`` is the bucket's group (a TensorGroup over all its params, None grads for those
+        sitting out). Nothing is written: copies, zero-fills and re-pointings go to ``pending``,
+        carried out once every bucket has been checked, so a refused step changes nothing. Entries
+        of ``grp.grads`` / ``grp.momentum_buffers`` are replaced by the bucket views the caller
+        should keep. In a steady training loop every test below is an identity or pointer compare.
         """
+        grads, bufs = grp.grads, grp.momentum_buffers
+        mviews = self.ensure_momentum() if grp.momentum != 0 else None
         present = []
-        new_grads: List[Tensor] = []
-        new_bufs: List[Optional[Tensor]] = []
-        mviews = self.ensure_momentum() if momentum_buffers is not None else None
-        for i, (p, g) in enumerate(zip(self.params, grads)):
+        for k, i in enumerate(self.index):
+            g = grads[i]
             if g is None:
                 present.append(False)
-                new_grads.append(None)
-                new_bufs.append(momentum_buffers[i] if momentum_buffers is not None else None)
                 continue
             present.append(True)
-            empty = self.numels[i] == 0
-            pv, gv = self.param_views[i], self.grad_views[i]
-            if not empty:
-                if not self.adopted[i] or p.data_ptr() != pv.data_ptr():
-                    # A param that was copied in, or that `p.data = t` moved away from its view.
-                    dst.append(pv)
-                    src.append(p.detach())
-                    if self.adopted[i] and owns_storage(p):
-                        p.data = pv
+            if self.numels[k] == 0:  # nothing to copy; an (empty) momentum buffer all the same
+                if mviews is not None:
+                    bufs[i] = mviews[k]
+                continue
+            p = self.params[k]
+            adopted = self.adopted[k]
+            if not adopted or p.data_ptr() != self.param_ptrs[k]:
+                # Copied in every step, or `p.data = t` moved it off its view.
+                self._check_layout(k)
+                pending.copy(self.param_views[k], p.detach())
+                if adopted:
+                    if owns_storage(p):
+                        pending.repoint.append((p, self.param_views[k]))
                     else:
-                        self.adopted[i] = False
+                        self.adopted[k] = adopted = False
+            gv = self.grad_views[k]
+            if g is not gv:
+                if g.layout != torch.strided:
+                    raise RuntimeError("SNGM does not support sparse gradients")
+                if g.shape != gv.shape:
+                    raise LayoutChanged(f"a grad of shape {tuple(g.shape)} for {tuple(gv.shape)}")
                 if g.data_ptr() != gv.data_ptr():
-                    dst.append(gv)
-                    src.append(g)
-            new_grads.append(gv if self.adopted[i] and not empty else g)
+                    pending.copy(gv, g)
+                if adopted:
+                    grads[i] = gv
             if mviews is not None:
-                mv = mviews[i]
-                buf = momentum_buffers[i]
-                if buf is None:
-                    if not empty:
-                        dst.append(mv)
-                        src.append(torch.zeros_like(mv))
-                elif not empty and buf.data_ptr() != mv.data_ptr():
-                    dst.append(mv)
-                    src.append(buf)
-                new_bufs.append(mv)
-            else:
-                new_bufs.append(None)
-        return tuple(present), new_grads, new_bufs
+                mv = mviews[k]
+                b = bufs[i]
+                if b is not mv:
+                    if b is None:
+                        pending.zero.append(mv)
+                    elif b.data_ptr() != mv.data_ptr():
+                        pending.copy(mv, b)
+                    bufs[i] = mv
+        return tuple(present)
 
-    def write_back(self, present: Sequence[bool], dst: List[Tensor], src: List[Tensor]) -> None:
+    def write_back(self, present: Sequence[bool], pending: "Pending") -> None:
         """Params that are not views of the bucket get their updated values copied back."""
-        for i, p in enumerate(self.params):
-            if present[i] and not self.adopted[i] and self.numels[i]:
-                dst.append(p.detach())
-                src.append(self.param_views[i])
+        for k, p in enumerate(self.params):
+            if present[k] and not self.adopted[k] and self.numels[k]:
+                pending.copy(p.detach(), self.param_views[k])
+
 
     def chunk_rows(self, present: Sequence[bool], first_segment: int, per_tensor: bool):
         """(start, length, segment) rows for the present tensors, and the chunk count per segment.
@@ -195,6 +199,29 @@ class Bucket:
         return starts, lens, segs, seg_chunks
 
 
+class Pending:
+    """Writes collected while checking a step, issued together: one ``_foreach_copy_``, one
+    ``_foreach_zero_``, then the ``p.data`` re-pointings."""
+
+    def __init__(self):
+        self.dst: List[Tensor] = []
+        self.src: List[Tensor] = []
+        self.zero: List[Tensor] = []
+        self.repoint: List[Tuple[Tensor, Tensor]] = []
+
+    def copy(self, dst: Tensor, src: Tensor) -> None:
+        self.dst.append(dst)
+        self.src.append(src)
+
+    def apply(self) -> None:
+        if self.dst:
+            torch._foreach_copy_(self.dst, self.src)
+        if self.zero:
+            torch._foreach_zero_(self.zero)
+        for p, view in self.repoint:
+            p.data = view
+
+
 @dataclass
 class StepPlan:
     """Device-side tables of one step pattern (which grads are present, which norm)."""
@@ -219,10 +246,11 @@ class BucketSet:
     def build(cls, groups_params: Sequence[Sequence[Tensor]], adopt: bool = True) -> "BucketSet":
         buckets = []
         for gi, params in enumerate(groups_params):
-            by_dtype: Dict[torch.dtype, List[Tensor]] = {}
-            for p in params:
-                by_dtype.setdefault(p.dtype, []).append(p)
-            buckets += [Bucket(gi, ps, adopt) for ps in by_dtype.values()]
+            by_dtype: Dict[torch.dtype, List[int]] = {}
+            for i, p in enumerate(params):
+                by_dtype.setdefault(p.dtype, []).append(i)
+            buckets += [Bucket(gi, idx, [params[i] for i in idx], adopt)
+                        for idx in by_dtype.values()]
         return cls(buckets, cls.signature_of(groups_params))
 
     @staticmethod

@@ -23,7 +23,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._group import TensorGroup, check_hyperparameters
+from ._group import TensorGroup, check_hyperparameters, present
 from .reference import _device_of, sngm_reference
 
 BACKENDS = ("auto", "reference", "triton", "cpu", "cuda")
@@ -136,15 +136,19 @@ def sngm_groups(
         skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
     if name == "reference":
         for grp in groups:
+            for i, p, g in present(grp):
+                if g.layout != torch.strided:
+                    raise RuntimeError("SNGM does not support sparse gradients")
+        for grp in groups:
             if grp.momentum != 0:
-                for i, b in enumerate(grp.momentum_buffers):
-                    if b is None:
-                        grp.momentum_buffers[i] = torch.zeros_like(grp.params[i])
+                for i, p, g in present(grp):
+                    if grp.momentum_buffers[i] is None:
+                        grp.momentum_buffers[i] = torch.zeros_like(p)
         return sngm_reference(
             groups, norm=norm, skipped_steps=skipped_steps, reduce_sumsq=reduce_sumsq
         )
 
-    from .buckets import BucketSet
+    from .buckets import BucketSet, Pending
     from .fused import fused_step
 
     given_bufs = [list(g.momentum_buffers) for g in groups]
@@ -156,18 +160,17 @@ def sngm_groups(
         reduce_sumsq=reduce_sumsq,
     )
     if own:  # temporary buckets: hand momentum back in the caller's own buffers where it had them
-        dst, src = [], []
+        pending = Pending()
         for grp, before in zip(groups, given_bufs):
-            for i, (old, new) in enumerate(zip(before, grp.momentum_buffers)):
+            for i, p, g in present(grp):
+                old, new = before[i], grp.momentum_buffers[i]
                 if new is not None:
                     if old is not None:
-                        dst.append(old)
-                        src.append(new)
+                        pending.copy(old, new)
                         grp.momentum_buffers[i] = old
                     else:
                         grp.momentum_buffers[i] = new.clone()
-        if dst:
-            torch._foreach_copy_(dst, src)
+        pending.apply()
     return grad_norm
 
 

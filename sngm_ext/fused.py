@@ -6,14 +6,14 @@ the number of (param group, dtype) pairs, never with the number of tensors.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ._group import TensorGroup
 from ._ops import FusedOps
-from .buckets import BucketSet
+from .buckets import BucketSet, Pending
 
 
 def fused_step(
@@ -25,38 +25,16 @@ def fused_step(
     skipped_steps: Tensor,
     reduce_sumsq: Optional[Callable[[Tensor], None]] = None,
 ) -> Tensor:
-    """One SNGM step of ``groups`` (the present params of each param group) through ``buckets``.
+    """One SNGM step of ``groups`` through ``buckets`` (built over the same groups' params).
 
     On return the entries of ``groups[g].grads`` / ``.momentum_buffers`` are the tensors the caller
     should keep (views of the buckets where the param is one), as torch.optim's functional API
     hands back new momentum buffers in its list. ``reduce_sumsq`` (an in-place all-reduce, say)
     sees the sums of squares between the two phases.
     """
-    given: Dict[int, Tuple[int, int]] = {}
-    for gi, grp in enumerate(groups):
-        for k, p in enumerate(grp.params):
-            given[id(p)] = (gi, k)
-
-    dst: List[Tensor] = []
-    src: List[Tensor] = []
-    presents = []
-    for b in buckets.buckets:  # before anything is written: a changed layout means a rebuild
-        b.check_layout()
-    for b in buckets.buckets:
-        grp = groups[b.group_index]
-        slots = [given.get(id(p)) for p in b.params]
-        grads = [grp.grads[s[1]] if s else None for s in slots]
-        bufs: Optional[List[Optional[Tensor]]] = None
-        if grp.momentum != 0:
-            bufs = [grp.momentum_buffers[s[1]] if s else None for s in slots]
-        present, new_grads, new_bufs = b.sync(grads, bufs, dst, src)
-        presents.append(present)
-        for s, g, m in zip(slots, new_grads, new_bufs):
-            if s:
-                grp.grads[s[1]] = g
-                grp.momentum_buffers[s[1]] = m
-    if dst:
-        torch._foreach_copy_(dst, src)
+    pending = Pending()
+    presents = [b.sync(groups[b.group_index], pending) for b in buckets.buckets]
+    pending.apply()  # every bucket checked: now write
 
     plan = buckets.plan(presents, per_tensor)
     sumsq = torch.empty(plan.n_sumsq, dtype=plan.acc_dtype, device=buckets.device)
@@ -76,11 +54,10 @@ def fused_step(
                 grp.nesterov, grp.maximize,
             )
 
-    dst, src = [], []
+    pending = Pending()
     for b, present in zip(buckets.buckets, presents):
-        b.write_back(present, dst, src)
-    if dst:
-        torch._foreach_copy_(dst, src)
+        b.write_back(present, pending)
+    pending.apply()
     return finish_norm(sumsq[0], skipped_steps)
 
 

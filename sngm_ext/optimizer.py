@@ -18,6 +18,10 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _SGD_ONLY_KEYS = {"dampening": 0, "foreach": None, "differentiable": False, "fused": None}
 
 
+def _buffer(param_state):
+    return None if param_state is None else param_state.get("momentum_buffer")
+
+
 class SNGM(Optimizer):
     r"""Stochastic normalized gradient descent with momentum (Zhao et al., Algorithm 1).
 
@@ -42,6 +46,11 @@ class SNGM(Optimizer):
         norm: ``"global"`` (the paper's SNGM) or ``"tensor"``.
         backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cpu"`` or ``"cuda"``
             (see :mod:`sngm_ext.functional`).
+        process_group: the group to sum the squared norm over when each rank steps only part of
+            the params and it cannot be inferred: ``ZeroRedundancyOptimizer`` (bind it with
+            ``functools.partial(SNGM, process_group=pg)``, see :mod:`sngm_ext.distributed`).
+            Leave it None under DDP (every rank holds the whole gradient: nothing to reduce) and
+            under FSDP2 (DTensor params: the group comes from their device mesh).
 
     After each step, :attr:`grad_norm` holds ``n`` as a 0-dim tensor on the params' device: reading
     it is the only thing that would sync. ``state_dict()`` keeps torch.optim.SGD's format
@@ -59,6 +68,7 @@ class SNGM(Optimizer):
         *,
         norm: str = "global",
         backend: str = "auto",
+        process_group=None,
     ):
         check_hyperparameters(lr, momentum, weight_decay, nesterov)
         _check_norm(norm)
@@ -70,6 +80,9 @@ class SNGM(Optimizer):
         )
         self.norm = norm
         self.backend = backend
+        self.process_group = process_group
+        self._dist = None  # distributed.DistPlan of the current params, None when single-process
+        self._dist_key: Optional[tuple] = None
         super().__init__(params, defaults)
         self.grad_norm: Optional[Tensor] = None
         self._skipped: Optional[Tensor] = None
@@ -88,6 +101,40 @@ class SNGM(Optimizer):
             raise ValueError(
                 f"SNGM needs every param on one device (one global norm), got {sorted(map(str, devices))}"
             )
+        try:  # params on mixed process groups are refused here rather than at the first step
+            self._dist_plan()
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def _dist_plan(self):
+        """What the step reduces across ranks (distributed.py); None for plain tensors and no
+        ``process_group`` (single process, DDP), where nothing is."""
+        key = (id(self.process_group), tuple(id(p) for g in self.param_groups for p in g["params"]))
+        if key != self._dist_key:
+            from .distributed import plan_for
+
+            self._dist = plan_for([p for g in self.param_groups for p in g["params"]],
+                                  self.process_group)
+            self._dist_key = key
+        return self._dist
+
+    def _bucket_params(self, dist_plan) -> List[List[Tensor]]:
+        if dist_plan is not None and dist_plan.dtensor:
+            from .distributed import local_tensor
+
+            return [[local_tensor(p) for p in g["params"]] for g in self.param_groups]
+        return [g["params"] for g in self.param_groups]
+
+    def _reducer(self, dist_plan, groups, buckets):
+        if dist_plan is None:
+            return None
+        order = None
+        if self.norm == "tensor" and dist_plan.per_tensor_reduce:
+            from .distributed import segment_order
+
+            order = segment_order(groups, buckets)
+        return dist_plan.reducer(self.norm, order)
 
     @staticmethod
     def _check_param(p: Tensor) -> None:
@@ -103,29 +150,23 @@ class SNGM(Optimizer):
         return self._skipped
 
     def _collect(self) -> List[TensorGroup]:
-        """This step's tensors per group; raises before anything is changed."""
+        """This step's tensors per group (grads None for params sitting out); changes nothing.
+
+        Per-param checks live where they are cheap: dtype and complexity at add_param_group, sparse
+        grads and moved params when a grad or param is not the bucket's view (buckets.py), device
+        changes through the buckets' layout check.
+        """
         groups = []
-        device = None
+        state = self.state
         for group in self.param_groups:
             check_hyperparameters(group["lr"], group["momentum"], group["weight_decay"],
                                   group["nesterov"])
-            params, grads, bufs = [], [], []
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
-                    continue
-                if g.is_sparse:
-                    raise RuntimeError("SNGM does not support sparse gradients")
-                self._check_param(p)
-                if device is None:
-                    device = p.device
-                elif p.device != device:
-                    raise ValueError(
-                        f"SNGM needs every param on one device, got {device} and {p.device}"
-                    )
-                params.append(p)
-                grads.append(g)
-                bufs.append(self.state[p].get("momentum_buffer") if group["momentum"] else None)
+            params = group["params"]
+            grads = [p.grad for p in params]
+            if group["momentum"]:
+                bufs = [_buffer(state.get(p)) for p in params]  # one (Python) tensor hash each
+            else:
+                bufs = [None] * len(params)
             groups.append(TensorGroup(
                 params, grads, bufs, float(group["lr"]), float(group["momentum"]),
                 float(group["weight_decay"]), bool(group["nesterov"]), bool(group["maximize"]),
@@ -136,6 +177,8 @@ class SNGM(Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 return p.device
+        if self._dist is not None:  # a ZeRO rank that holds no param still joins the all-reduce
+            return self._dist.device
         return torch.device("cpu")
 
     @torch.no_grad()
@@ -145,6 +188,10 @@ class SNGM(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         groups = self._collect()
+        dist_plan = self._dist_plan()
+        # DTensor params (FSDP2) are stepped through their local shards
+        dtensor = dist_plan is not None and dist_plan.dtensor
+        run = dist_plan.localize(groups) if dtensor else groups
         device = self._device()
         name, _ = resolve_backend(self.backend, device)
         if self._skipped is None or self._skipped.device != device:
@@ -152,24 +199,37 @@ class SNGM(Optimizer):
             self._skipped = torch.zeros((), dtype=torch.int64, device=device)
             if prev is not None:
                 self._skipped.copy_(prev)
+        before = [(list(g.grads), list(g.momentum_buffers)) for g in groups]
         buckets = None
         if name != "reference":
-            all_params = [g["params"] for g in self.param_groups]
+            # Local shards of DTensor params are never re-pointed (FSDP2 owns their storage).
+            all_params = self._bucket_params(dist_plan)
             if self._buckets is None or self._buckets.signature != BucketSet.signature_of(all_params):
-                self._buckets = BucketSet.build(all_params)
+                self._buckets = BucketSet.build(all_params, adopt=not dtensor)
             buckets = self._buckets
         try:
-            grad_norm = sngm_groups(groups, norm=self.norm, backend=self.backend,
-                                    skipped_steps=self._skipped, buckets=buckets)
+            grad_norm = sngm_groups(run, norm=self.norm, backend=self.backend,
+                                    skipped_steps=self._skipped, buckets=buckets,
+                                    reduce_sumsq=self._reducer(dist_plan, run, buckets))
         except LayoutChanged:  # a param moved, changed dtype or shape: rebuild, nothing was written
-            self._buckets = BucketSet.build([g["params"] for g in self.param_groups])
-            grad_norm = sngm_groups(groups, norm=self.norm, backend=self.backend,
-                                    skipped_steps=self._skipped, buckets=self._buckets)
-        for grp in groups:
-            for p, g, buf in zip(grp.params, grp.grads, grp.momentum_buffers):
-                self.state[p]["momentum_buffer"] = buf
-                if p.grad is not g:
+            self._buckets = BucketSet.build(self._bucket_params(dist_plan), adopt=not dtensor)
+            groups = self._collect()  # sync may have pointed entries at the old buckets' views
+            run = dist_plan.localize(groups) if dtensor else groups
+            grad_norm = sngm_groups(run, norm=self.norm, backend=self.backend,
+                                    skipped_steps=self._skipped, buckets=self._buckets,
+                                    reduce_sumsq=self._reducer(dist_plan, run, self._buckets))
+        state = self.state
+        for grp, rgrp in zip(groups, run):
+            for p, g, buf in zip(grp.params, rgrp.grads, rgrp.momentum_buffers):
+                if g is None:
+                    continue
+                st = state[p]
+                if dtensor:  # grads stay FSDP's; momentum is a DTensor laid out like the param
+                    buf = dist_plan.wrap_state(p, buf, st.get("momentum_buffer"))
+                elif p.grad is not g:  # the grad now lives in the bucket
                     p.grad = g
+                if st.get("momentum_buffer", 0) is not buf:
+                    st["momentum_buffer"] = buf
         self.grad_norm = grad_norm
         return loss
 

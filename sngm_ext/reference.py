@@ -16,12 +16,12 @@ the finite check is a device-side ``torch.where``.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from ._group import TensorGroup, accumulate_dtype, compute_dtype
+from ._group import TensorGroup, accumulate_dtype, compute_dtype, present
 
 
 def _direction(grad: Tensor, param: Tensor, weight_decay: float, maximize: bool) -> Tensor:
@@ -52,11 +52,11 @@ def sngm_reference(
     """
     from .fused import finish_norm
 
-    ds: List[List[Tensor]] = [
-        [_direction(g, p, grp.weight_decay, grp.maximize) for p, g in zip(grp.params, grp.grads)]
+    ds: List[List[Tuple[int, Tensor]]] = [
+        [(i, _direction(g, p, grp.weight_decay, grp.maximize)) for i, p, g in present(grp)]
         for grp in groups
     ]
-    flat = [d for dl in ds for d in dl]
+    flat = [d for dl in ds for _, d in dl]
     acc = accumulate_dtype([d.dtype for d in flat])
     sq = [d.square().sum().to(acc) for d in flat]
     total = torch.stack(sq).sum() if sq else torch.zeros((), dtype=acc, device=_device_of(groups))
@@ -67,7 +67,7 @@ def sngm_reference(
 
     k = 0
     for grp, dl in zip(groups, ds):
-        for i, d in enumerate(dl):
+        for i, d in dl:
             k += 1
             n = sumsq[k if norm == "tensor" else 0].sqrt()
             nd = d * _safe_inverse(n).to(d.dtype)
