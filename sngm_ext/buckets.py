@@ -24,6 +24,7 @@ are copied in before the step and back after it, so whatever else shares their m
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -87,13 +88,48 @@ class Bucket:
         self.momentum_views: Optional[List[Tensor]] = None
         # adopted[k]: params[k] *is* its view (p.data was re-pointed); else copied in and out.
         self.adopted: List[bool] = []
+        self.hooks: List[Optional[object]] = []
+        self.fired: List[bool] = [False] * len(self.params)  # the hook moved a grad since the last step
         with torch.no_grad():
-            for p, v in zip(self.params, self.param_views):
+            for k, (p, v) in enumerate(zip(self.params, self.param_views)):
                 v.copy_(p.detach())
                 own = adopt and owns_storage(p) and p.numel() > 0
                 if own:
                     p.data = v
                 self.adopted.append(own)
+                self.hooks.append(self._hook(k) if own and p.requires_grad else None)
+
+    def _hook(self, k: int):
+        """Move a fresh grad into the bucket as soon as backward has accumulated it.
+
+        After ``zero_grad(set_to_none=True)`` (torch's default) autograd allocates a new ``.grad``
+        every backward; copying it here, while it is still in cache, and pointing ``p.grad`` at the
+        view frees it at once (one grad's memory, not two) and leaves the step nothing to gather.
+        Later accumulations (gradient accumulation, ``no_sync``) then land in the view in place.
+        The step's own checks do not rely on this: a grad that is not the view is still copied.
+        """
+        bucket = weakref.ref(self)
+        view = self.grad_views[k]
+
+        def hook(p):
+            g = p.grad
+            if g is None or g is view or bucket() is None or g.requires_grad:
+                return
+            if g.layout != torch.strided or g.shape != view.shape or g.dtype != view.dtype:
+                return  # left for the step to refuse or to rebuild over
+            with torch.no_grad():
+                view.copy_(g)
+            p.grad = view
+            bucket().fired[k] = True
+
+        return self.params[k].register_post_accumulate_grad_hook(hook)
+
+    def release(self) -> None:
+        """Remove the grad hooks (the bucket is being replaced)."""
+        for k, h in enumerate(self.hooks):
+            if h is not None:
+                h.remove()
+                self.hooks[k] = None
 
     def _views(self, flat: Tensor) -> List[Tensor]:
         return [flat[o : o + n].view(s) for o, n, s in zip(self.offsets, self.numels, self.shapes)]
@@ -155,6 +191,13 @@ class Bucket:
                     pending.copy(gv, g)
                 if adopted:
                     grads[i] = gv
+                    if self.fired[k] and self.hooks[k] is not None:
+                        # The hook moved this step's grad, yet p.grad is elsewhere again: some
+                        # other owner re-points it (DDP's gradient_as_bucket_view). Stop copying
+                        # in backward; the step gathers instead.
+                        self.hooks[k].remove()
+                        self.hooks[k] = None
+            self.fired[k] = False
             if mviews is not None:
                 mv = mviews[k]
                 b = bufs[i]
@@ -256,6 +299,10 @@ class BucketSet:
     @staticmethod
     def signature_of(groups_params: Sequence[Sequence[Tensor]]) -> Tuple:
         return tuple(tuple(id(p) for p in ps) for ps in groups_params)
+
+    def release(self) -> None:
+        for b in self.buckets:
+            b.release()
 
     @property
     def device(self) -> torch.device:

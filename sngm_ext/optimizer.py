@@ -119,6 +119,11 @@ class SNGM(Optimizer):
             self._dist_key = key
         return self._dist
 
+    def _rebuild(self, params, adopt: bool) -> BucketSet:
+        if self._buckets is not None:
+            self._buckets.release()  # the old buckets' grad hooks go with them
+        return BucketSet.build(params, adopt=adopt)
+
     def _bucket_params(self, dist_plan) -> List[List[Tensor]]:
         if dist_plan is not None and dist_plan.dtensor:
             from .distributed import local_tensor
@@ -205,14 +210,14 @@ class SNGM(Optimizer):
             # Local shards of DTensor params are never re-pointed (FSDP2 owns their storage).
             all_params = self._bucket_params(dist_plan)
             if self._buckets is None or self._buckets.signature != BucketSet.signature_of(all_params):
-                self._buckets = BucketSet.build(all_params, adopt=not dtensor)
+                self._buckets = self._rebuild(all_params, adopt=not dtensor)
             buckets = self._buckets
         try:
             grad_norm = sngm_groups(run, norm=self.norm, backend=self.backend,
                                     skipped_steps=self._skipped, buckets=buckets,
                                     reduce_sumsq=self._reducer(dist_plan, run, buckets))
         except LayoutChanged:  # a param moved, changed dtype or shape: rebuild, nothing was written
-            self._buckets = BucketSet.build(self._bucket_params(dist_plan), adopt=not dtensor)
+            self._buckets = self._rebuild(self._bucket_params(dist_plan), adopt=not dtensor)
             groups = self._collect()  # sync may have pointed entries at the old buckets' views
             run = dist_plan.localize(groups) if dtensor else groups
             grad_norm = sngm_groups(run, norm=self.norm, backend=self.backend,
