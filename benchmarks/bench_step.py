@@ -16,9 +16,12 @@ Variants (all with lr=0.1, momentum=0.9, weight_decay=1e-4):
                        (triton and cuda on a GPU, cpu on a CPU), grads already views of the
                        optimizer's flat grad bucket: the steady state of a loop that zeroes
                        grads with zero_grad(set_to_none=False)
-    sngm-<backend>+gather  the same optimizer when every .grad is a fresh tensor (autograd's after
-                       zero_grad(set_to_none=True), torch's default): the step first copies the
-                       grads into its bucket
+    sngm-<backend>+gather  the same optimizer when every .grad is a tensor of its own that no
+                       grad hook has moved into the bucket (grads set by hand, or re-pointed by
+                       another owner such as DDP's gradient_as_bucket_view): the step first copies
+                       them into its bucket. (After zero_grad(set_to_none=True) and backward,
+                       sngm_ext's post-accumulate-grad hooks do that copy inside backward, while
+                       each grad is still in cache, and the step runs as sngm-<backend>.)
 
 Bytes model (bytes per param element of the params' dtype, s bytes each): what the step must move.
     SGD with momentum       read g, w, u; write w, u                               5 s
@@ -54,7 +57,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from foreach_sngm import ForeachSNGM  # noqa: E402
-from param_sets import ParamSet, by_name, sets_for  # noqa: E402
+from param_sets import ParamSet, parse_sets, sets_for  # noqa: E402
 from timing import Case, Progress, Timer, copy_bandwidth, run_interleaved, summarize  # noqa: E402
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 1e-4
@@ -185,6 +188,11 @@ class Workload:
         else:
             t = torch.randn(shape, generator=gen, dtype=torch.float32)
         return (t * scale).to(self.pset.dtype)
+
+    def drop(self, spec: VariantSpec) -> None:
+        """Forget a fused backend's optimizer (after it ran out of memory)."""
+        if spec.backend is not None:
+            self._own.pop(spec.backend, None)
 
     def build(self, spec: VariantSpec) -> Built:
         if spec.family == "sgd":
@@ -373,13 +381,16 @@ def measure_set(pset: ParamSet, device: torch.device, specs: Sequence[VariantSpe
             built.append(b)
         except torch.cuda.OutOfMemoryError as e:  # type: ignore[attr-defined]
             skipped[spec.name] = f"out of memory: {str(e).splitlines()[0]}"
+            b = None
+            wl.drop(spec)
+        if spec.name in skipped:
             gc.collect()
             torch.cuda.empty_cache()
 
     # Size the sampling to the budget from the warm-up times: fast variants get more samples per
     # round (a noisy shared CPU needs them), slow ones fewer rounds (not below min_rounds).
     per_case = settings.budget_s / max(settings.rounds * len(built), 1)
-    n_per = {k: max(settings.per_round, min(settings.max_per_round, int(per_case / t)))
+    n_per = {k: max(1, min(settings.max_per_round, int(per_case / t)))
              for k, t in est.items()}
     round_s = sum(n_per[k] * est[k] for k in est)
     rounds = settings.rounds
@@ -612,8 +623,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                     help="default: cuda when available, else cpu")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="results directory")
     ap.add_argument("--sets", default=None,
-                    help="comma-separated model sets instead of the default list "
-                         "(resnet20,resnet50,gpt2,decoder1b)")
+                    help="comma-separated sets instead of the default list: resnet20, resnet50, "
+                         "gpt2, decoder1b, counts (tensor-count sweep), sizes (size sweep)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds per set (max)")
     ap.add_argument("--no-save", action="store_true", help="print the table, write no files")
     args = ap.parse_args(argv)
@@ -623,7 +634,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         ap.error("--device cuda: no CUDA device here")
     device = torch.device(dev)
     if args.sets:
-        psets = [by_name(n.strip()) for n in args.sets.split(",") if n.strip()]
+        try:
+            psets = parse_sets(args.sets, dev)
+        except ValueError as e:
+            ap.error(str(e))
     else:
         psets = sets_for(dev, args.full)
     gpu = dev == "cuda"
@@ -651,8 +665,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         + ("; not here: " + ", ".join(unavailable) if unavailable else ""))
 
     results = []
-    for i, ps in enumerate(psets):
-        res = measure_set(ps, device, specs, timer, settings, progress)
+    errors: Dict[str, str] = {}
+    for ps in psets:
+        res = None
+        try:
+            res = measure_set(ps, device, specs, timer, settings, progress)
+        except torch.cuda.OutOfMemoryError as e:  # type: ignore[attr-defined]
+            errors[ps.name] = f"out of memory: {str(e).splitlines()[0]}"
+            progress.done(f"{ps.name}: left out, {errors[ps.name]}")
+        if res is None:  # the traceback is gone now: its tensors can be freed
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
         results.append(res)
         progress.done()
         print(format_table(res, copy["gbps"], gpu), end="\n\n", flush=True)
@@ -674,6 +698,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         "bytes_model": BYTES_MODEL,
         "copy": {k: v for k, v in copy.items()},
         "unavailable": unavailable,
+        "errors": errors,
         "sets": results,
     }
     if not args.no_save:

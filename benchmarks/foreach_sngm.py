@@ -55,7 +55,10 @@ class ForeachSNGM(Optimizer):
             all_d += d if d is not None else grads
         if not all_d:
             return loss
-        norms = torch._foreach_norm(all_d)
+        try:  # per-tensor norms accumulated and returned in fp32, also for bf16/fp16 params
+            norms = torch._foreach_norm(all_d, 2, dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            norms = torch._foreach_norm(all_d)
         n = torch.linalg.vector_norm(torch.stack(norms).float())
         inv = torch.where(n > 0, 1.0 / n, torch.zeros_like(n))
         for group, params, grads, d in work:

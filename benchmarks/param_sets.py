@@ -135,6 +135,20 @@ MODEL_SETS = {
 }
 
 
+def count_sweep(device: str) -> List[ParamSet]:
+    """10 to 10,000 tensors holding a fixed total (4M params on CPU, 16M on GPU)."""
+    total = (1 << 24) if device == "cuda" else (1 << 22)
+    return [count_sweep_set(total, c) for c in (10, 100, 1000, 10000)]
+
+
+def size_sweep(device: str) -> List[ParamSet]:
+    """100 tensors holding 1M to 64M params (to 1G on GPU)."""
+    sizes = [1 << 20, 1 << 22, 1 << 24, 1 << 26]
+    if device == "cuda":
+        sizes += [1 << 28, 1 << 30]
+    return [size_sweep_set(s, 100) for s in sizes]
+
+
 def sets_for(device: str, full: bool) -> List[ParamSet]:
     """The sets one run measures: quick default or --full, per device kind."""
     gpu = device == "cuda"
@@ -143,16 +157,24 @@ def sets_for(device: str, full: bool) -> List[ParamSet]:
         out.append(gpt2_small())
     if not full:
         return out
-    if gpu:
-        out.append(decoder_1b())
-    else:
-        out.append(gpt2_small())
-    count_total = (1 << 24) if gpu else (1 << 22)
-    out += [count_sweep_set(count_total, c) for c in (10, 100, 1000, 10000)]
-    sizes = [1 << 20, 1 << 22, 1 << 24, 1 << 26]
-    if gpu:
-        sizes += [1 << 28, 1 << 30]
-    out += [size_sweep_set(s, 100) for s in sizes]
+    out.append(decoder_1b() if gpu else gpt2_small())
+    return out + count_sweep(device) + size_sweep(device)
+
+
+def parse_sets(spec: str, device: str) -> List[ParamSet]:
+    """A comma list of model set names and/or ``counts`` / ``sizes`` (the sweeps)."""
+    out: List[ParamSet] = []
+    for name in (n.strip() for n in spec.split(",")):
+        if not name:
+            continue
+        if name == "counts":
+            out += count_sweep(device)
+        elif name == "sizes":
+            out += size_sweep(device)
+        elif name in MODEL_SETS:
+            out.append(by_name(name))
+        else:
+            raise ValueError(f"unknown set {name!r}: use {', '.join(MODEL_SETS)}, counts or sizes")
     return out
 
 
