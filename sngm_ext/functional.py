@@ -131,6 +131,10 @@ def sngm_groups(
     """
     _check_norm(norm)
     device = _device_of(groups)
+    if buckets is None:  # buckets are built over one device; lists may hold anything
+        devices = {p.device for grp in groups for p in grp.params}
+        if len(devices) > 1:
+            raise ValueError(f"SNGM needs every param on one device, got {sorted(map(str, devices))}")
     name, ops = resolve_backend(backend, device)
     if skipped_steps is None:
         skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
@@ -151,9 +155,9 @@ def sngm_groups(
     from .buckets import BucketSet, Pending
     from .fused import fused_step
 
-    given_bufs = [list(g.momentum_buffers) for g in groups]
     own = buckets is None
     if own:
+        given_bufs = [list(g.momentum_buffers) for g in groups]
         buckets = BucketSet.build([g.params for g in groups], adopt=False)
     grad_norm = fused_step(
         buckets, groups, ops, per_tensor=norm == "tensor", skipped_steps=skipped_steps,

@@ -376,3 +376,11 @@ def test_grad_hooks_step_aside_when_another_owner_repoints_grads(fused_backend):
     assert all(h is None for b in opt._buckets.buckets for h in b.hooks)
     for p, q in zip(m.parameters(), ref.parameters()):
         assert_close(p, q, torch.float32)
+
+
+def test_functional_refuses_params_on_several_devices(backend):
+    ps = [torch.zeros(3), torch.zeros(3, device="meta")]
+    gs = [torch.ones(3), torch.ones(3, device="meta")]
+    with pytest.raises(ValueError, match="one device"):
+        sngm_ext.sngm(ps, gs, [None, None], lr=0.1, backend=backend)
+    assert torch.equal(ps[0], torch.zeros(3))
