@@ -1,0 +1,44 @@
+// The op schemas of the native extension, exactly sngm_ext/_ops.py's SCHEMAS in namespace
+// sngm_native, and the module's Python face (pybind11). Linked into every CPU module
+// (sngm_ext._C_<capability>, with ../cpu/sngm_cpu.cpp); the CUDA module (sngm_ext._C_cuda) only
+// adds kernels, so sngm_ext/native.py loads a CPU module first.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#ifndef SNGM_SOURCE_HASH
+#define SNGM_SOURCE_HASH unknown
+#endif
+#define SNGM_STR2(x) #x
+#define SNGM_STR(x) SNGM_STR2(x)
+#if defined(__GNUC__)
+#define SNGM_USED __attribute__((used))
+#else
+#define SNGM_USED
+#endif
+
+// Found by sngm_ext/native.py in the file's bytes: a prebuilt module older than csrc/ is not loaded.
+extern "C" SNGM_USED const char sngm_cpu_source_marker[] =
+    "sngm-source-hash:" SNGM_STR(SNGM_SOURCE_HASH);
+
+namespace sngm {
+const char* cpu_capability();  // sngm_cpu.cpp
+int cpu_vector_bytes();
+}  // namespace sngm
+
+TORCH_LIBRARY(sngm_native, m) {
+  m.def(
+      "sumsq(Tensor param, Tensor grad, Tensor chunks, float weight_decay, bool maximize, "
+      "Tensor(a!) partials, int partial_offset) -> ()");
+  m.def("finalize(Tensor partials, Tensor seg_ptr, Tensor(a!) sumsq) -> ()");
+  m.def(
+      "update(Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, Tensor chunks, "
+      "Tensor sumsq, float lr, float momentum, float weight_decay, bool nesterov, "
+      "bool maximize) -> ()");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "sngm_ext native extension: schemas of sngm_native::* and their CPU kernels";
+  m.attr("source_hash") = SNGM_STR(SNGM_SOURCE_HASH);
+  m.attr("cpu_capability") = sngm::cpu_capability();
+  m.attr("vector_bytes") = sngm::cpu_vector_bytes();
+}

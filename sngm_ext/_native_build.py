@@ -1,0 +1,134 @@
+"""How the native extension (csrc/) is built: shared by setup.py (ahead of time) and native.py (on
+first use). Plain Python with no package imports, so setup.py can load it by path; torch is
+imported only inside the functions that need it.
+
+Modules (each a separate shared library, so a failed CUDA build never costs the CPU kernels):
+
+    sngm_ext._C_<cap>   the op schemas (TORCH_LIBRARY sngm_native, bindings/ops.cpp, pybind11) and
+                        the CPU kernels (cpu/sngm_cpu.cpp) built for one CPU capability: "default"
+                        (any CPU), "avx2" or "avx512" (x86-64), with ATen's CPU_CAPABILITY macros
+                        and -m flags; exactly one is loaded, the best this CPU supports
+    sngm_ext._C_cuda    the CUDA kernels (cuda/sngm_cuda.cu, cuda/sngm_cuda_ops.cpp), loaded after
+                        a CPU module (which owns the schemas); no pybind11, no torch header in the .cu
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+from typing import Dict, List, Optional
+
+# Per-capability compiler flags: the ones ATen compiles its own kernels of that capability with.
+CPU_CAPABILITY_FLAGS: Dict[str, List[str]] = {
+    "default": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+}
+# torch.backends.cpu.get_cpu_capability() -> the capabilities of ours that run there, best first.
+_USABLE = {"AVX512": ["avx512", "avx2", "default"], "AVX2": ["avx2", "default"]}
+
+CPU_SOURCES = ["bindings/ops.cpp", "cpu/sngm_cpu.cpp"]
+CUDA_SOURCES = ["cuda/sngm_cuda.cu", "cuda/sngm_cuda_ops.cpp"]
+_SOURCE_SUFFIXES = (".h", ".cuh", ".cpp", ".cu")
+
+
+def is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+def csrc_dir() -> Optional[str]:
+    """The C++/CUDA sources: $SNGM_CSRC_DIR, the copy installed in the package, or the checkout's."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = [os.environ.get("SNGM_CSRC_DIR", ""), os.path.join(here, "csrc"),
+                  os.path.join(os.path.dirname(here), "csrc")]
+    for c in candidates:
+        if c and os.path.isfile(os.path.join(c, "sngm_math.h")):
+            return c
+    return None
+
+
+def source_hash(csrc: str) -> str:
+    """16 hex digits over every source file and this build description: a stale build differs."""
+    h = hashlib.sha256()
+    files = []
+    for root, _, names in os.walk(csrc):
+        files += [os.path.join(root, n) for n in names if n.endswith(_SOURCE_SUFFIXES)]
+    named = sorted((os.path.relpath(f, csrc).replace(os.sep, "/"), f) for f in files)
+    named.append(("<build>/_native_build.py", os.path.abspath(__file__)))
+    for name, f in named:
+        h.update(name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def usable_cpu_capabilities() -> List[str]:
+    """Our CPU capabilities that run on this machine, best first (follows ATEN_CPU_CAPABILITY)."""
+    if not is_x86():
+        return ["default"]
+    import torch
+
+    return list(_USABLE.get(torch.backends.cpu.get_cpu_capability(), ["default"]))
+
+
+def capabilities_to_build(spec: str) -> List[str]:
+    """SNGM_CPU_CAPABILITIES: "native" (the best for this machine), "all", or a comma list."""
+    spec = (spec or "native").strip().lower()
+    if spec == "native":
+        return usable_cpu_capabilities()[:1]
+    if spec == "all":
+        return list(CPU_CAPABILITY_FLAGS) if is_x86() else ["default"]
+    caps = [c.strip() for c in spec.split(",") if c.strip()]
+    bad = [c for c in caps if c not in CPU_CAPABILITY_FLAGS]
+    if bad:
+        raise ValueError(
+            f"SNGM_CPU_CAPABILITIES: unknown {bad}; use native, all or some of "
+            f"{sorted(CPU_CAPABILITY_FLAGS)}"
+        )
+    return caps
+
+
+def _openmp() -> bool:
+    import torch
+
+    return bool(getattr(torch._C, "has_openmp", False))
+
+
+def cpu_cflags(cap: str, src_hash: str) -> List[str]:
+    # -ffp-contract=off: one rounding per operation, as the reference's torch ops round (no FMA).
+    flags = ["-O3", "-ffp-contract=off", f"-DSNGM_SOURCE_HASH=h{src_hash}"]
+    flags += [f"-DCPU_CAPABILITY={cap.upper()}", f"-DCPU_CAPABILITY_{cap.upper()}"]
+    flags += CPU_CAPABILITY_FLAGS[cap]
+    if _openmp():  # at::parallel_for is an inline `#pragma omp parallel` in an OpenMP build of torch
+        flags.append("-fopenmp")
+    return flags
+
+
+def cpu_ldflags() -> List[str]:
+    # libgomp.so.1: the dynamic loader reuses the copy torch has loaded (one OpenMP runtime).
+    return ["-fopenmp"] if _openmp() else []
+
+
+def cuda_cflags(src_hash: str) -> Dict[str, List[str]]:
+    return {
+        "cxx": ["-O3", f"-DSNGM_SOURCE_HASH=h{src_hash}"],
+        "nvcc": ["-O3", "-lineinfo", f"-DSNGM_SOURCE_HASH=h{src_hash}"],
+    }
+
+
+def jit_build_root() -> str:
+    """Where first-use builds go: $SNGM_EXTENSIONS_DIR, $TORCH_EXTENSIONS_DIR/sngm_ext, or
+    $XDG_CACHE_HOME (~/.cache)/sngm_ext; one folder per torch and Python version below it."""
+    import sys
+
+    import torch
+
+    root = os.environ.get("SNGM_EXTENSIONS_DIR")
+    if not root and os.environ.get("TORCH_EXTENSIONS_DIR"):
+        root = os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], "sngm_ext")
+    if not root:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(cache, "sngm_ext")
+    tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+    return os.path.join(root, tag.replace("+", "_"))
