@@ -33,8 +33,8 @@ def _update_kernel(
 ):
     pid = tl.program_id(0).to(tl.int64)
     total = tl.load(sumsq_ptr)
-    # x * 0 is 0 for every finite x and NaN for NaN and +-inf: a finite check with no constants.
-    finite = (total * 0.0) == 0.0
+    # A sum of squares is >= 0 or NaN; NaN < inf is false.
+    finite = total < float("inf")
     start = tl.multiple_of(tl.load(chunks_ptr + pid), 16)
     # A skipped step is an empty chunk: no load, no store.
     length = tl.multiple_of(tl.where(finite, tl.load(chunks_ptr + n_chunks + pid), 0), 16)
