@@ -49,3 +49,27 @@ def test_partials_and_sums_follow_the_chunk_table(fused_backend):
     torch.testing.assert_close(sumsq, torch.stack([expect[0] + expect[1]] + expect))
     with pytest.raises(BackendUnavailable):
         resolve_backend("cuda", torch.device("cpu"))
+
+
+def test_launches_per_step_do_not_grow_with_tensors(fused_backend, monkeypatch):
+    """Two groups x two dtypes = 4 buckets: 4 sumsq + 1 finalize + 4 update, for 200 tensors."""
+    from sngm_ext import SNGM
+
+    _, ops = resolve_backend(fused_backend, torch.device("cpu"))
+    calls = {"sumsq": 0, "finalize": 0, "update": 0}
+    for name in calls:
+        real = getattr(ops, name)
+
+        def counted(*a, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*a)
+
+        monkeypatch.setattr(ops, name, counted)
+    ps = [torch.nn.Parameter(torch.randn(7 + i).to(torch.float32 if i % 2 else torch.bfloat16))
+          for i in range(200)]
+    opt = SNGM([{"params": ps[:100]}, {"params": ps[100:], "lr": 0.01}], lr=0.1,
+               backend=fused_backend)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert calls == {"sumsq": 4, "finalize": 1, "update": 4}
