@@ -513,6 +513,14 @@ def format_table(res, copy_gbps: float, cuda: bool) -> str:
     return "\n".join(lines)
 
 
+def _load(m: Dict[str, object]) -> str:
+    a, b = m.get("load_average"), m.get("load_average_end")
+    if not a or m.get("device") != "cpu":
+        return ""
+    end = f" / {b[0]:.1f}" if b else ""
+    return f"; load average {a[0]:.1f}{end} (start / end) on {m['cpu_count']} CPUs"
+
+
 def format_markdown(report: Dict[str, object], json_name: str) -> str:
     m = report["machine"]
     cuda = m["device"] == "cuda"
@@ -520,7 +528,7 @@ def format_markdown(report: Dict[str, object], json_name: str) -> str:
         f"**{m['device_name']}** ({m['device']}, {m['torch_threads']} torch threads), "
         f"torch {m['torch']}, triton {m['triton']}, sngm_ext {m['sngm_ext']}, "
         f"commit `{(m['git_commit'] or '?')[:10]}`, {m['date']}; copy bandwidth "
-        f"{report['copy']['gbps']:.1f} GB/s. Data: [{json_name}]({json_name}).",
+        f"{report['copy']['gbps']:.1f} GB/s{_load(m)}. Data: [{json_name}]({json_name}).",
         "",
     ]
     headers = HEADERS + (["step peak MiB"] if cuda else [])
@@ -626,8 +634,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                     help="comma-separated sets instead of the default list: resnet20, resnet50, "
                          "gpt2, decoder1b, counts (tensor-count sweep), sizes (size sweep)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds per set (max)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads(N) first (CPU; default: torch's own choice)")
     ap.add_argument("--no-save", action="store_true", help="print the table, write no files")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev == "cuda" and not torch.cuda.is_available():
@@ -660,7 +672,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                           samples=10, progress=progress)
     progress.done(
         f"{machine['device_name']} ({dev}, {machine['torch_threads']} threads), torch "
-        f"{machine['torch']}, triton {machine['triton']}; copy {copy['gbps']:.1f} GB/s; variants: "
+        f"{machine['torch']}, triton {machine['triton']}; copy {copy['gbps']:.1f} GB/s"
+        + (f"; load average {machine['load_average'][0]:.1f}" if not gpu and machine["load_average"]
+           else "")
+        + "; variants: "
         + ", ".join(s.name for s in specs)
         + ("; not here: " + ", ".join(unavailable) if unavailable else ""))
 
@@ -681,6 +696,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         progress.done()
         print(format_table(res, copy["gbps"], gpu), end="\n\n", flush=True)
 
+    if hasattr(os, "getloadavg"):
+        machine["load_average_end"] = list(os.getloadavg())
     report = {
         "schema": "sngm-ext/bench_step/1",
         "machine": machine,
