@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._group import TensorGroup, check_hyperparameters
-from .buckets import BucketSet, LayoutChanged
+from .buckets import BucketSet, LayoutChanged, owns_storage
 from .functional import BACKENDS, _check_norm, resolve_backend, sngm_groups
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -231,8 +231,8 @@ class SNGM(Optimizer):
                 st = state[p]
                 if dtensor:  # grads stay FSDP's; momentum is a DTensor laid out like the param
                     buf = dist_plan.wrap_state(p, buf, st.get("momentum_buffer"))
-                elif p.grad is not g:  # the grad now lives in the bucket
-                    p.grad = g
+                elif p.grad is not g and owns_storage(p.grad):  # the grad now lives in the bucket
+                    p.grad = g  # (one that is a view of someone's buffer, DDP's, stays theirs)
                 if st.get("momentum_buffer", 0) is not buf:
                     st["momentum_buffer"] = buf
         self.grad_norm = grad_norm
