@@ -1,0 +1,128 @@
+"""SNGM under torch.distributed with real processes (gloo on loopback, CPU): DDP, FSDP2, ZeRO.
+
+Each world size (2 and 3 ranks) is ONE launch of tests/dist_workers.py per rank that runs every
+scenario for every CPU backend (processes re-import torch: a launch per check would cost seconds
+each); the tests below read back what each rank reported. Every process has a timeout, so a
+deadlock fails the tests instead of hanging them.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+from conftest import CPU_BACKENDS, _available
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "dist_workers.py")
+TIMEOUT_S = 240  # the whole launch; collectives themselves time out after SNGM_DIST_TIMEOUT
+
+# scenario -> world sizes it runs at (the parity checks at 2 and 3 ranks, the rest at 2)
+SCENARIOS = {
+    "ddp": (2, 3),
+    "ddp_bucket_view_static_graph": (2,),
+    "ddp_find_unused_no_sync": (2,),
+    "fsdp": (2, 3),
+    "fsdp_tensor_norm": (2, 3),
+    "fsdp_nan_on_one_rank_skips_everywhere": (2,),
+    "fsdp_checkpoint_resume": (2,),
+    "zero": (2, 3),
+    "zero_tensor_norm": (2,),
+    "zero_rank_without_grads_and_nan": (2,),
+    "dtensor_uneven_presence_tensor_norm": (2,),
+    "mixed_process_groups_are_refused": (2,),
+}
+
+
+def _gloo_missing():
+    if not torch.distributed.is_available():
+        return "torch was built without torch.distributed"
+    if not torch.distributed.is_gloo_available():
+        return "torch.distributed has no gloo backend here"
+    return None
+
+
+def _backends():
+    out, missing = [], []
+    for name in CPU_BACKENDS:
+        (out if _available(name) else missing).append(name)
+    return out, missing
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world, scenarios, backends, outdir):
+    """Run the worker on `world` ranks; returns ({rank: {key: result}}, combined output)."""
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                   SNGM_DIST_TIMEOUT="60")
+        env.setdefault("TRITON_INTERPRET", "1")
+        procs.append(subprocess.Popen(
+            [sys.executable, WORKER, outdir, ",".join(backends), ",".join(scenarios)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE,
+        ))
+    outputs = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=TIMEOUT_S)
+            outputs.append(out)
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        outputs = [p.communicate()[0] for p in procs]
+        outputs.append(f"TIMEOUT after {TIMEOUT_S} s: a deadlock or a very slow machine")
+    results = {}
+    for rank in range(world):
+        path = os.path.join(outdir, f"rank{rank}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                results[rank] = json.load(f)
+    return results, "\n".join(outputs)
+
+
+_runs = {}
+
+
+def run_for(world):
+    """One launch per world size, shared by the tests of this module."""
+    if world not in _runs:
+        why = _gloo_missing()
+        if why:
+            pytest.skip(f"distributed tests need gloo: {why}")
+        backends, _ = _backends()
+        names = [n for n, worlds in SCENARIOS.items() if world in worlds]
+        with tempfile.TemporaryDirectory() as d:
+            _runs[world] = launch(world, names, backends, d)
+    return _runs[world]
+
+
+CASES = [(w, n) for n, worlds in SCENARIOS.items() for w in worlds]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("world, name", CASES, ids=[f"{w}ranks-{n}" for w, n in CASES])
+def test_distributed(world, name, backend):
+    if not _available(backend):
+        if os.environ.get("CI") and backend != "triton":
+            pytest.fail(f"backend {backend!r} must be available in CI")
+        pytest.skip(f"backend {backend!r} is not available here")
+    results, output = run_for(world)
+    key = f"{name}[{backend}]"
+    for rank in range(world):
+        got = results.get(rank, {}).get(key)
+        if got is None:
+            pytest.fail(f"rank {rank} did not report {key} (an earlier scenario failed or the "
+                        f"launch died); output:\n{output[-6000:]}")
+        assert got == "ok", f"rank {rank}, {key}:\n{got}"
