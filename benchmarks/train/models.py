@@ -1,0 +1,88 @@
+"""The two image models, in plain torch.nn (torchvision does not import beside torch 2.13 CPU).
+
+- ``cnn``: two convolutional layers and two fully connected ones, the kind of network of the
+  paper's Figure 1 (a network with two convolutional layers), sized for 28x28 grey images.
+- ``resnet``: a CIFAR-style ResNet (He et al.'s 6n+2 family, like the paper's ResNet-20) with
+  three stages of n basic blocks each; depth 8 (n=1) by default to fit a 2-core CPU budget.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class SmallCNN(nn.Module):
+    """LeNet-5 shape: conv5x5(6) - pool - conv5x5(16) - pool - fc120 - fc84 - fc10."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 6,
+                 image_size: int = 28):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 5)
+        self.conv2 = nn.Conv2d(width, 16 * width // 6, 5)
+        side = ((image_size - 4) // 2 - 4) // 2
+        self.fc1 = nn.Linear(self.conv2.out_channels * side * side, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.fc1(x.flatten(1)))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class ResNet(nn.Module):
+    def __init__(self, depth: int = 8, in_channels: int = 1, num_classes: int = 10, width: int = 16,
+                 stem_stride: int = 1):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError("ResNet depth must be 6n+2 (8, 14, 20, ...)")
+        n = (depth - 2) // 6
+        self.conv = nn.Conv2d(in_channels, width, 3, stride=stem_stride, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        layers, cin = [], width
+        for stage, w in enumerate((width, 2 * width, 4 * width)):
+            for b in range(n):
+                stride = 2 if (stage > 0 and b == 0) else 1
+                layers.append(BasicBlock(cin, w, stride))
+                cin = w
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        x = self.layers(x)
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.fc(x)
+
+
+def build_model(name: str, **kw) -> nn.Module:
+    if name == "cnn":
+        return SmallCNN(**kw)
+    if name == "resnet":
+        return ResNet(**kw)
+    raise ValueError(f"unknown model {name!r} (cnn, resnet)")

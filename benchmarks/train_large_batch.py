@@ -1,0 +1,274 @@
+#!/usr/bin/env python3
+"""Large-batch training in miniature: MSGD vs LARS vs SNGM (and block-wise SNGM, SNGD, Adam) on
+Fashion-MNIST, the paper's protocol (Zhao et al., Section 7.1): the same model and number of epochs
+for every optimizer and batch size, cosine learning-rate decay per epoch with no warm-up,
+momentum 0.9, weight decay 1e-4, each method's learning rate chosen on a validation split from a
+small grid, then test accuracy / loss on the held-out test split.
+
+    python benchmarks/train_large_batch.py            # the full run (results/train_full.*)
+    python benchmarks/train_large_batch.py --quick    # < 10 min on 2 CPU cores, lrs fixed from the full run
+
+Data: apt-get install -y dataset-fashion-mnist (the IDX files in /usr/share/datasets/fashion-mnist).
+Writes <out>.json (every run's settings and per-epoch curves), <out>.md (the table) and
+<out>_<model>.png (training loss and test accuracy per epoch, like the paper's Figure 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+
+from train.data import load_fashion_mnist  # noqa: E402
+from train.report import plot_curves, select_lr, summarize, table_lines  # noqa: E402
+from train.runner import LABELS, OPTIMIZERS, sngm_backend_name, train_run  # noqa: E402
+
+SCHEMA = "sngm-ext/train_large_batch/v1"
+RESULTS = os.path.join(HERE, "results")
+
+# Learning-rate grids, per optimizer, for small (<= 512) and large batches. Spaced ~3x; LARS's lr is
+# a relative step (lr * ||w|| per tensor), SNGM's an absolute one (||step|| <= lr / (1 - momentum)),
+# block-wise SNGM moves every tensor by lr (so ~sqrt(#tensors) more in all), SNGD has no momentum.
+GRIDS = {
+    "msgd": {"small": [0.01, 0.03, 0.1], "large": [0.1, 0.3, 1.0]},
+    "lars": {"small": [0.001, 0.003, 0.01], "large": [0.01, 0.03, 0.1]},
+    "sngm": {"small": [0.01, 0.03, 0.1], "large": [0.1, 0.3, 1.0]},
+    "sngm_tensor": {"small": [0.003, 0.01, 0.03], "large": [0.03, 0.1, 0.3]},
+    "sngd": {"small": [0.03, 0.1, 0.3], "large": [0.3, 1.0, 3.0]},
+    "adam": {"small": [0.0003, 0.001, 0.003], "large": [0.001, 0.003, 0.01]},
+}
+
+# The full run's choices (benchmarks/results/train_full.json), used by --quick.
+FIXED_LRS = {}
+
+FULL = dict(models="cnn", epochs=8, train_subset=16384, seeds="0")
+QUICK = dict(models="cnn", epochs=3, train_subset=8192, seeds="0")
+
+
+def grid_for(opt: str, bs: int, overrides: dict) -> list:
+    if (opt, bs) in overrides:
+        return overrides[(opt, bs)]
+    return list(GRIDS[opt]["small" if bs <= 512 else "large"])
+
+
+def parse_lr_override(items) -> dict:
+    out = {}
+    for item in items or []:
+        try:
+            head, vals = item.split("=")
+            opt, bs = head.split("@")
+            out[(opt, int(bs))] = [float(v) for v in vals.split(",")]
+        except ValueError:
+            raise SystemExit(f"--lr {item!r}: expected OPT@BATCH=LR[,LR...], e.g. sngm@4096=0.1,0.3,1")
+    return out
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def write_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def fmt_time(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="fewer epochs on a smaller subset, one lr per method fixed from the full run")
+    p.add_argument("--models", help=f"comma list of cnn,resnet (default {FULL['models']})")
+    p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma list of " + ",".join(OPTIMIZERS))
+    p.add_argument("--batch-sizes", default="128,4096")
+    p.add_argument("--epochs", type=int, help=f"epochs of every run (full {FULL['epochs']}, quick {QUICK['epochs']})")
+    p.add_argument("--train-subset", type=int,
+                   help=f"train on this many of the 55k non-validation images, 0 = all "
+                        f"(full {FULL['train_subset']}, quick {QUICK['train_subset']})")
+    p.add_argument("--val-size", type=int, default=5000, help="images held out of the 60k for lr selection")
+    p.add_argument("--test-subset", type=int, default=0, help="first N test images only (0 = all 10k)")
+    p.add_argument("--seeds", help="seeds run at each chosen lr; the grid runs use the first (default 0)")
+    p.add_argument("--lr", action="append", metavar="OPT@BATCH=LR,...",
+                   help="override a grid (or, with --quick, the fixed lr), e.g. sngm@4096=0.1,0.3,1")
+    p.add_argument("--extend-edge", type=int, default=1,
+                   help="while the chosen lr is at the edge of its grid, add the next lr (x~3) beyond "
+                        "it, at most this many times per method (full run only)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU")
+    p.add_argument("--backend", default="auto", help="SNGM backend (auto picks the fastest available)")
+    p.add_argument("--data-dir", help="Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--out", help="output prefix (default benchmarks/results/train_full or train_quick)")
+    p.add_argument("--resume", action="store_true", help="keep finished runs found in <out>.json")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+
+    preset = QUICK if args.quick else FULL
+    models = (args.models or preset["models"]).split(",")
+    opts = args.optimizers.split(",")
+    for o in opts:
+        if o not in OPTIMIZERS:
+            p.error(f"unknown optimizer {o!r}")
+    bss = [int(b) for b in args.batch_sizes.split(",")]
+    epochs = args.epochs or preset["epochs"]
+    subset = preset["train_subset"] if args.train_subset is None else args.train_subset
+    seeds = [int(s) for s in (args.seeds or preset["seeds"]).split(",")]
+    overrides = parse_lr_override(args.lr)
+    out = args.out or os.path.join(RESULTS, "train_quick" if args.quick else "train_full")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+
+    device = pick_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    data = load_fashion_mnist(args.data_dir, val_size=args.val_size, train_subset=subset,
+                              test_subset=args.test_subset)
+    data.train, data.val, data.test = data.train.to(device), data.val.to(device), data.test.to(device)
+
+    # lrs to run per (model, opt, bs): a grid (full) or one fixed lr (quick)
+    plan = {}
+    for m in models:
+        for bs in bss:
+            for o in opts:
+                if args.quick:
+                    if (o, bs) in overrides:
+                        lrs, src = overrides[(o, bs)][:1], "--lr"
+                    elif (m, o, bs) in FIXED_LRS:
+                        lrs, src = [FIXED_LRS[(m, o, bs)]], "full run's choice"
+                    else:
+                        g = grid_for(o, bs, {})
+                        lrs, src = [g[len(g) // 2]], "middle of the grid (no full-run choice)"
+                else:
+                    lrs, src = grid_for(o, bs, overrides), "grid"
+                plan[(m, o, bs)] = (lrs, src)
+
+    settings = {
+        "mode": "quick" if args.quick else "full", "models": models, "optimizers": opts,
+        "batch_sizes": bss, "epochs": epochs, "seeds": seeds, "grid_seed": seeds[0],
+        "momentum": args.momentum, "weight_decay": args.weight_decay,
+        "schedule": "cosine per epoch, lr_m = lr_0 * 0.5 * (1 + cos(pi * m / epochs)), m = 0..epochs-1; no warm-up",
+        "lr_selection": "best final validation accuracy of the grid seed (ties: lower validation loss)",
+        "extend_edge": 0 if args.quick else args.extend_edge,
+        "lrs": {f"{m}/{o}/{bs}": {"lrs": v[0], "source": v[1]} for (m, o, bs), v in plan.items()},
+        "adam": "torch.optim.Adam, betas (0.9, 0.999), L2 weight decay",
+        "lars": "benchmarks/train/lars.py: per tensor, w -= lr * ||w|| * m / ||m||, m = 0.9 m + g + wd w",
+        "models_desc": {"cnn": "LeNet-5 shape: conv5x5(6)-pool-conv5x5(16)-pool-fc120-fc84-fc10",
+                        "resnet": "ResNet-8 (3 stages x 1 basic block, widths 16/32/64, BatchNorm)"},
+    }
+    env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+           "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+           "sngm_backend": sngm_backend_name(device, args.backend)}
+    result = {"schema": SCHEMA, "command": "python benchmarks/train_large_batch.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv)),
+              "settings": settings, "environment": env, "data": data.info, "runs": [], "selection": [], "table": []}
+    done = {}
+    if args.resume and os.path.exists(out + ".json"):
+        old = json.load(open(out + ".json"))
+        for r in old.get("runs", []):
+            if r.get("epochs") == epochs and old.get("data", {}).get("n_train") == data.info["n_train"]:
+                done[(r["model"], r["optimizer"], r["batch_size"], r["lr"], r["seed"])] = r
+
+    print(f"sngm-ext large-batch miniature ({settings['mode']}): Fashion-MNIST {data.info['n_train']} train / "
+          f"{data.info['n_val']} val / {data.info['n_test']} test, models {models}, batch sizes {bss}, "
+          f"{epochs} epochs, seeds {seeds}, device {device} ({env['threads']} threads), "
+          f"SNGM backend {env['sngm_backend']}", flush=True)
+    for (m, o, bs), (lrs, src) in plan.items():
+        print(f"  lrs {m:6s} B={bs:<5d} {LABELS[o]:18s} {lrs}  ({src})")
+    n_planned = sum(len(v[0]) for v in plan.values()) + len(plan) * (len(seeds) - 1)
+    t_start = time.perf_counter()
+    counter = [0]
+    samples_done = [0]
+
+    def run(m, o, bs, lr, seed, phase):
+        counter[0] += 1
+        key = (m, o, bs, lr, seed)
+        head = f"[{counter[0]:3d}/{n_planned}] {m} B={bs} {LABELS[o]} lr={lr:g} seed={seed}"
+        if key in done:
+            r = dict(done[key], phase=phase)
+            print(f"{head}: kept from {out}.json", flush=True)
+        else:
+            print(head, flush=True)
+            r = train_run(data, m, o, bs, lr, seed, epochs, args.momentum, args.weight_decay, device,
+                          args.backend, progress=lambda s: print("    " + s, flush=True))
+            r["phase"] = phase
+            samples_done[0] += r["epochs"] * data.info["n_train"]
+        result["runs"].append(r)
+        el = time.perf_counter() - t_start
+        left = n_planned - counter[0]
+        eta = el / counter[0] * left if counter[0] else 0
+        f = r["final"]
+        print(f"    -> val acc {f['val_acc']:.4f}  test acc {f['test_acc']:.4f}  test loss {f['test_loss']:.4f}"
+              f"{'  DIVERGED' if r['diverged'] else ''}  ({r['time_s']:.0f}s; elapsed {fmt_time(el)}, "
+              f"~{fmt_time(eta)} left)", flush=True)
+        write_json(out + ".json", result)
+        return r
+
+    for m in models:
+        for bs in bss:
+            for o in opts:
+                lrs, src = plan[(m, o, bs)]
+                for lr in lrs:
+                    run(m, o, bs, lr, seeds[0], "grid")
+                sel = select_lr(result["runs"], m, o, bs, seeds[0])
+                ext = 0
+                while not args.quick and sel["at_grid_edge"] and ext < args.extend_edge:
+                    g = sel["grid"]
+                    lo, hi = g[0], g[-1]
+                    ratio = (g[1] / g[0]) if len(g) > 1 else 3.0
+                    new = hi * ratio if sel["chosen_lr"] == hi else lo / ratio
+                    new = float(f"{new:.3g}")
+                    print(f"    chosen lr {sel['chosen_lr']:g} is at the edge of {g}: adding lr {new:g}", flush=True)
+                    n_planned += 1
+                    run(m, o, bs, new, seeds[0], "grid")
+                    sel = select_lr(result["runs"], m, o, bs, seeds[0])
+                    ext += 1
+                sel["extended"] = ext
+                sel["lr_source"] = src
+                result["selection"].append(sel)
+                for seed in seeds[1:]:
+                    run(m, o, bs, sel["chosen_lr"], seed, "seed")
+                result["table"] = summarize(result["runs"], result["selection"])
+                write_json(out + ".json", result)
+
+    result["wall_time_s"] = time.perf_counter() - t_start
+    lines = table_lines(result["table"])
+    print("\nTest accuracy (%) / test loss at each method's chosen lr — a miniature of the paper's Table 2")
+    print("\n".join(lines))
+    md = [f"Command: `{result['command']}`", "",
+          f"Fashion-MNIST, {data.info['n_train']} train / {data.info['n_val']} validation / {data.info['n_test']} test images; "
+          f"{epochs} epochs; batch sizes {bss}; seeds {seeds}; device {device}; wall time {fmt_time(result['wall_time_s'])}.", ""]
+    md += table_lines(result["table"], markdown=True)
+    md += ["", "Learning-rate grids (validation accuracy of the grid seed) and choices:", ""]
+    for s in result["selection"]:
+        va = ", ".join(f"{float(k):g}: {v:.4f}" for k, v in s["val_acc"].items())
+        md.append(f"- {s['model']} B={s['batch_size']} {LABELS[s['optimizer']]}: {va} -> **{s['chosen_lr']:g}**"
+                  + (" (at grid edge)" if s["at_grid_edge"] else "")
+                  + (f"; diverged: {s['diverged']}" if s["diverged"] else ""))
+    with open(out + ".md", "w") as f:
+        f.write("\n".join(md) + "\n")
+    write_json(out + ".json", result)
+    if not args.no_plots:
+        for path in plot_curves(result["runs"], result["table"], out):
+            print(f"plot: {path}")
+    print(f"results: {out}.json, {out}.md  (wall time {fmt_time(result['wall_time_s'])})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
