@@ -1,19 +1,138 @@
-"""Installs sngm_ext (and triton_kernels/ as sngm_ext.triton_kernels).
+"""Installs sngm_ext (and triton_kernels/ as sngm_ext.triton_kernels), building the optional native
+extension (csrc/) where it can.
 
-The native extension (csrc/) is optional: see the build switches below. Install with
-``pip install --no-build-isolation -e .`` so the build uses the torch already installed (an isolated
-build environment would download a multi-GB CUDA torch).
+Install with ``pip install --no-build-isolation -e .`` so the build uses the torch already installed
+(an isolated build environment would download a multi-GB CUDA torch).
+
+The native extension never fails an install: without a C++ compiler, ninja, nvcc or a CUDA build of
+torch, the part that cannot be built is skipped with a warning, and sngm_ext builds it on first use
+(``sngm_ext/native.py``) or falls back to another backend. Switches (environment variables):
+
+    SNGM_SKIP_NATIVE_BUILD=1   build nothing ahead of time (the first use builds what it needs)
+    SNGM_SKIP_CPU_BUILD=1      no CPU module (it holds the op schemas: the first use builds it)
+    SNGM_SKIP_CUDA_BUILD=1     no CUDA module
+    SNGM_CPU_CAPABILITIES      native (default: the best this machine runs), all (default, avx2 and
+                               avx512: for a wheel that runs anywhere) or a comma list of those
+    TORCH_CUDA_ARCH_LIST       CUDA archs, e.g. "8.0;9.0" (torch's default: the visible GPUs')
+    MAX_JOBS                   parallel compile jobs (ninja)
 """
 
+import importlib.util
+import os
+import shutil
+import sys
+
 from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _truthy(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _warn(msg):
+    print(f"WARNING: sngm_ext: {msg}", file=sys.stderr, flush=True)
+
+
+def _build_description():
+    path = os.path.join(HERE, "sngm_ext", "_native_build.py")
+    spec = importlib.util.spec_from_file_location("_sngm_native_build", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def native_extensions():
+    """(ext_modules, cmdclass) of the native extension; ([], {}) with a warning where none builds."""
+    if _truthy("SNGM_SKIP_NATIVE_BUILD"):
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except Exception as e:  # noqa: BLE001 - any import failure means: no ahead-of-time build
+        _warn(f"torch is not importable here ({e}); the native extension builds on first use")
+        return [], {}
+    nb = _build_description()
+    src_hash = nb.source_hash(os.path.join(HERE, "csrc"))
+
+    def rel(sources):
+        return [os.path.join("csrc", s) for s in sources]
+
+    exts = []
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        _warn(f"no C++ compiler ({cxx!r} is not on PATH): the native extension is not built")
+        return [], {}
+    if not _truthy("SNGM_SKIP_CPU_BUILD"):
+        try:
+            caps = nb.capabilities_to_build(os.environ.get("SNGM_CPU_CAPABILITIES", "native"))
+        except ValueError as e:
+            _warn(f"{e}; building the native capability only")
+            caps = nb.capabilities_to_build("native")
+        for cap in caps:
+            exts.append(
+                cpp_extension.CppExtension(
+                    f"sngm_ext._C_{cap}",
+                    sources=rel(nb.CPU_SOURCES),
+                    extra_compile_args={"cxx": nb.cpu_cflags(cap, src_hash)},
+                    extra_link_args=nb.cpu_ldflags(),
+                )
+            )
+    if not _truthy("SNGM_SKIP_CUDA_BUILD"):
+        if torch.version.cuda is None:
+            print(f"sngm_ext: torch {torch.__version__} is a CPU build: no CUDA kernels built")
+        elif cpp_extension.CUDA_HOME is None:
+            _warn("torch is a CUDA build but no CUDA toolkit (nvcc) was found (set CUDA_HOME): "
+                  "the CUDA kernels are not built ahead of time")
+        else:
+            flags = nb.cuda_cflags(src_hash)
+            exts.append(
+                cpp_extension.CUDAExtension(
+                    "sngm_ext._C_cuda",
+                    sources=rel(nb.CUDA_SOURCES),
+                    extra_compile_args=flags,
+                )
+            )
+    if not exts:
+        return [], {}
+
+    class OptionalBuildExtension(cpp_extension.BuildExtension):
+        """torch's BuildExtension, except that a module that fails to build is a warning."""
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as e:  # noqa: BLE001
+                lines = [ln for ln in str(e).splitlines() if ln.strip()]
+                _warn(
+                    f"could not build {ext.name} ({lines[0] if lines else type(e).__name__}); "
+                    "sngm_ext installs without it: the first use tries to build it again, and "
+                    "backend='auto' falls back where that fails"
+                )
+
+    use_ninja = cpp_extension.is_ninja_available()
+    if not use_ninja:
+        _warn("ninja is not installed: compiling without it (slower; pip install ninja)")
+    return exts, {"build_ext": OptionalBuildExtension.with_options(use_ninja=use_ninja)}
+
+
+ext_modules, cmdclass = native_extensions()
 
 setup(
     name="sngm-ext",
     version="0.1.0",
     description="SNGM (stochastic normalized gradient descent with momentum) for PyTorch, fused",
-    packages=["sngm_ext", "sngm_ext.triton_kernels"],
-    package_dir={"sngm_ext": "sngm_ext", "sngm_ext.triton_kernels": "triton_kernels"},
+    packages=["sngm_ext", "sngm_ext.triton_kernels", "sngm_ext.csrc"],
+    package_dir={
+        "sngm_ext": "sngm_ext",
+        "sngm_ext.triton_kernels": "triton_kernels",
+        "sngm_ext.csrc": "csrc",  # the sources ship with the package: a first-use build needs them
+    },
+    package_data={"sngm_ext.csrc": ["*.h", "*/*.h", "*/*.cpp", "*/*.cu"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy"],
     extras_require={"triton": ["triton>=3.6"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )
