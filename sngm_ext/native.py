@@ -12,7 +12,8 @@ Nothing happens at import; the first call per process does, in this order:
    says so on stderr. ``SNGM_NO_JIT=1`` turns this off. A failure is remembered for the process.
 
 ``SNGM_CPU_CAPABILITY=default|avx2|avx512`` picks the CPU kernels' capability (for comparisons);
-``ATEN_CPU_CAPABILITY`` lowers torch's and hence ours. ``SNGM_VERBOSE_BUILD=1`` shows the build.
+``ATEN_CPU_CAPABILITY`` lowers torch's and hence ours. ``SNGM_PREBUILT=0`` ignores the modules built
+ahead of time (tests of the first-use build). ``SNGM_VERBOSE_BUILD=1`` shows the build.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ def _ensure(part: str) -> None:
 
 
 def _prebuilt_path(module: str) -> Optional[str]:
+    if os.environ.get("SNGM_PREBUILT", "").strip().lower() in ("0", "false", "no", "off"):
+        return None
     pkg = os.path.dirname(os.path.abspath(__file__))
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         path = os.path.join(pkg, module + suffix)
@@ -215,12 +218,21 @@ def _jit_build(*, part, name, describe, csrc, sources, notes, kwargs):
         )
     build_dir = os.path.join(nb.jit_build_root(), name)
     os.makedirs(build_dir, exist_ok=True)
-    _say(
-        f"building {describe} of the native extension on first use (about a minute; cached in "
-        f"{build_dir}){pre}"
-    )
+    # cpp_extension rebuilds by itself when sources or flags change; we only tell when it will
+    stamp = os.path.join(build_dir, "sngm_source_hash")
+    want = nb.source_hash(csrc)
     try:
-        return cpp_extension.load(
+        with open(stamp) as f:
+            cached = f.read().strip() == want
+    except OSError:
+        cached = False
+    if not cached:
+        _say(
+            f"building {describe} of the native extension on first use (a minute or two, once; "
+            f"cached in {build_dir}){pre}"
+        )
+    try:
+        out = cpp_extension.load(
             name=name,
             sources=[os.path.join(csrc, s) for s in sources],
             build_directory=build_dir,
@@ -232,6 +244,13 @@ def _jit_build(*, part, name, describe, csrc, sources, notes, kwargs):
             f"building the native {part} extension failed ({_summary(e)}); build folder "
             f"{build_dir}, SNGM_VERBOSE_BUILD=1 shows the full log"
         ) from e
+    if not cached:
+        try:
+            with open(stamp, "w") as f:
+                f.write(want)
+        except OSError:
+            pass
+    return out
 
 
 def _summary(e: BaseException, limit: int = 1500) -> str:

@@ -1,0 +1,141 @@
+"""Finding, building and falling back: the native extension's loader (sngm_ext/native.py).
+
+Each scenario runs in a subprocess with its own PATH and a fresh, empty extension cache
+(SNGM_EXTENSIONS_DIR) and SNGM_PREBUILT=0, so it neither sees nor disturbs the extension this
+process has loaded.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def _run(code, tmp_path, path=None, **env):
+    e = {k: v for k, v in os.environ.items() if k not in ("CXX", "SNGM_CPU_CAPABILITY")}
+    e.update(SNGM_PREBUILT="0", SNGM_EXTENSIONS_DIR=str(tmp_path / "cache"),
+             PYTHONPATH=os.pathsep.join([ROOT, TESTS]), MAX_JOBS=e.get("MAX_JOBS", "2"))
+    if path is not None:
+        e["PATH"] = path
+    e.update(env)
+    p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=e, cwd=str(tmp_path),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=900)
+    assert p.returncode == 0, f"stdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+    return json.loads(p.stdout.strip().splitlines()[-1]), p.stderr
+
+
+FALLBACK = """
+    import json, math, warnings
+    import torch
+    from sngm_ext import SNGM, BackendUnavailable
+
+    def one_step(backend):
+        p = torch.nn.Parameter(torch.ones(10))
+        p.grad = torch.full((10,), 2.0)
+        opt = SNGM([p], lr=0.1, momentum=0.9, backend=backend)
+        opt.step()
+        return p.detach()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        w = one_step("auto")
+    out = {"auto_ok": torch.allclose(w, torch.full((10,), 1 - 0.1 / math.sqrt(10))),
+           "warnings": [str(x.message) for x in caught]}
+    try:
+        one_step("cpu")
+        out["cpu"] = "ran"
+    except BackendUnavailable as e:
+        out["cpu"] = str(e)
+    print(json.dumps(out))
+"""
+
+
+def test_no_compiler_auto_falls_back_with_a_warning_and_cpu_says_why(tmp_path):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    out, _ = _run(FALLBACK, tmp_path, path=str(empty))
+    assert out["auto_ok"]
+    [warning] = [w for w in out["warnings"] if "sngm_ext" in w]
+    assert "reference" in warning and "C++ compiler" in warning, warning
+    assert "not on PATH" in out["cpu"] and "'c++'" in out["cpu"], out["cpu"]
+    assert not list((tmp_path / "cache").rglob("*.so"))  # nothing was built
+
+
+def test_jit_switched_off_says_so(tmp_path):
+    out, _ = _run(FALLBACK, tmp_path, SNGM_NO_JIT="1")
+    assert out["auto_ok"]
+    assert "SNGM_NO_JIT" in out["cpu"]
+    assert any("SNGM_NO_JIT" in w for w in out["warnings"])
+
+
+def test_a_failing_build_falls_back_naming_the_compiler_error(tmp_path):
+    """A compiler that runs but fails (here: a script that exits 1) is a build failure."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    fake = bin_ / "c++"
+    fake.write_text("#!/bin/sh\necho 'fatal error: sngm test compiler refuses' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    path = os.pathsep.join([str(bin_), os.environ.get("PATH", "")])
+    if shutil.which("ninja", path=path) is None:
+        pytest.skip("ninja is not installed")
+    out, _ = _run(FALLBACK, tmp_path, path=path, CXX=str(fake))
+    assert out["auto_ok"]
+    assert "building the native cpu extension failed" in out["cpu"], out["cpu"]
+    assert any("failed" in w for w in out["warnings"])
+
+
+def test_stale_prebuilt_modules_are_recognized(tmp_path):
+    from sngm_ext import native
+
+    so = tmp_path / "m.so"
+    so.write_bytes(b"\x7fELF...sngm-source-hash:h0123456789abcdef\x00...")
+    assert native._stale(str(so), "0123456789abcdef") is None
+    assert "0123456789abcdef" in native._stale(str(so), "fedcba9876543210")
+    assert native._stale(str(so), None) is None  # an installed package: no sources to compare
+    so.write_bytes(b"no marker")
+    assert native._stale(str(so), "fedcba9876543210") is None
+
+
+BUILD = """
+    import json, time
+    import torch
+    from sngm_ext import native
+    from test_native_cpu import assert_native_close, run
+
+    t = time.time()
+    native.load_ops("cpu")
+    secs = time.time() - t
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        ref = run("reference", dtype, "three_groups")
+        nat = run("cpu", dtype, "three_groups")
+        for x, y in zip(nat[0] + nat[1], ref[0] + ref[1]):
+            if x is not None:
+                assert_native_close(x, y, dtype)
+    info = native.info()["cpu"]
+    print(json.dumps({"how": info["how"], "capability": info["capability"], "seconds": secs}))
+"""
+
+
+def test_first_use_builds_into_the_cache_and_reuses_it(tmp_path):
+    """No prebuilt module: the first use builds the portable ("default") kernels with ninja into
+    the cache, says so, and they match the reference; a second process loads them silently."""
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if shutil.which(os.environ.get("CXX", "c++")) is None or not is_ninja_available():
+        if os.environ.get("CI"):
+            pytest.fail("CI needs a C++ compiler and ninja")
+        pytest.skip("no C++ compiler or no ninja")
+    out, err = _run(BUILD, tmp_path, SNGM_CPU_CAPABILITY="default")
+    assert out == {**out, "how": "built on first use", "capability": "default"}
+    assert "building the CPU kernels (default)" in err, err
+    assert list((tmp_path / "cache").rglob("sngm_native_cpu_default*.so"))
+    again, err2 = _run(BUILD, tmp_path, SNGM_CPU_CAPABILITY="default")
+    assert again["how"] == "built on first use"
+    assert "building" not in err2, err2
