@@ -29,7 +29,8 @@ Bytes model (bytes per param element of the params' dtype, s bytes each): what t
                             phase 2 reads g, w, u and writes w, u                  7 s  (6 s without wd)
     SNGM +gather            + read the fresh grad, write it into the bucket        9 s  (8 s)
 GB/s = bytes / median step time; "of copy" divides that by the bandwidth of dst.copy_(src)
-(2 x size bytes) measured in the same run. Extra memory: bytes of the tensors the optimizer holds
+on 256 MiB (GPU: 512 MiB) buffers, 2 x size bytes, timed as one more case in the same interleaved
+rounds as the set (so it sees the same machine state). Extra memory: bytes of the tensors the optimizer holds
 beyond the params and the grads the params point at (momentum, flat buckets, partial sums).
 
 Results: a table on stdout (progress on stderr), and under --out (benchmarks/results/ by default)
@@ -58,7 +59,7 @@ if HERE not in sys.path:
 
 from foreach_sngm import ForeachSNGM  # noqa: E402
 from param_sets import ParamSet, parse_sets, sets_for  # noqa: E402
-from timing import Case, Progress, Timer, copy_bandwidth, run_interleaved, summarize  # noqa: E402
+from timing import Case, CopyProbe, Progress, Timer, run_interleaved, summarize  # noqa: E402
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 1e-4
 HYPER = dict(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
@@ -354,7 +355,8 @@ class Settings:
 
 
 def measure_set(pset: ParamSet, device: torch.device, specs: Sequence[VariantSpec],
-                timer: Timer, settings: Settings, progress: Progress) -> Dict[str, object]:
+                timer: Timer, settings: Settings, progress: Progress,
+                probe: Optional[CopyProbe] = None) -> Dict[str, object]:
     label = f"{pset.name}:"
     progress.update(f"{label} building {pset.numel:,} params in {pset.n_tensors} tensors", force=True)
     wl = Workload(pset, device)
@@ -387,9 +389,14 @@ def measure_set(pset: ParamSet, device: torch.device, specs: Sequence[VariantSpe
             gc.collect()
             torch.cuda.empty_cache()
 
+    cases = [Case(b.spec.name, b.step, b.before) for b in built]
+    if probe is not None:  # the copy, timed in the same rounds: the yardstick for "of copy"
+        cases.append(probe.case())
+        est["copy"] = max(min(timer(probe.step) for _ in range(2)), 1e-7)
+
     # Size the sampling to the budget from the warm-up times: fast variants get more samples per
     # round (a noisy shared CPU needs them), slow ones fewer rounds (not below min_rounds).
-    per_case = settings.budget_s / max(settings.rounds * len(built), 1)
+    per_case = settings.budget_s / max(settings.rounds * len(cases), 1)
     n_per = {k: max(1, min(settings.max_per_round, int(per_case / t)))
              for k, t in est.items()}
     round_s = sum(n_per[k] * est[k] for k in est)
@@ -397,7 +404,8 @@ def measure_set(pset: ParamSet, device: torch.device, specs: Sequence[VariantSpe
     if round_s > 0:
         rounds = max(settings.min_rounds, min(rounds, int(settings.budget_s / round_s)))
 
-    cases = [Case(b.spec.name, b.step, b.before, n_per[b.spec.name]) for b in built]
+    for c in cases:
+        c.per_round = n_per[c.name]
     samples = run_interleaved(timer, cases, warmup=0, rounds=rounds, per_round=settings.per_round,
                               progress=progress, label=label)
 
@@ -433,6 +441,9 @@ def measure_set(pset: ParamSet, device: torch.device, specs: Sequence[VariantSpe
             "peak_step_bytes": peak,
             "samples_s": samples[b.spec.name],
         })
+    copy = probe.stats(samples["copy"]) if probe is not None else None
+    for r in rows:
+        r["frac_copy"] = r["gbps"] / copy["gbps"] if copy else None
     sgd = [r for r in rows if r["family"] == "sgd"]
     best = min(sgd, key=lambda r: r["median_s"]) if sgd else None
     for r in rows:
@@ -452,6 +463,7 @@ def measure_set(pset: ParamSet, device: torch.device, specs: Sequence[VariantSpe
         "per_round": n_per,
         "warmup": settings.warmup,
         "best_sgd": best["variant"] if best else None,
+        "copy": copy,
         "variants": rows,
         "skipped": skipped,
     }
@@ -471,11 +483,12 @@ def _ms(s: float) -> str:
 
 
 def set_title(res: Dict[str, object]) -> str:
+    copy = f"; copy {res['copy']['gbps']:.1f} GB/s in the same rounds" if res.get("copy") else ""
     return (f"{res['name']}: {res['note']}, {res['numel']:,} params in {res['n_tensors']} tensors, "
-            f"{res['dtype']}")
+            f"{res['dtype']}{copy}")
 
 
-def table_rows(res: Dict[str, object], copy_gbps: float, cuda: bool) -> List[List[str]]:
+def table_rows(res: Dict[str, object], cuda: bool) -> List[List[str]]:
     rows = []
     for r in res["variants"]:
         ratio = r["ratio_vs_best_sgd"]
@@ -483,9 +496,10 @@ def table_rows(res: Dict[str, object], copy_gbps: float, cuda: bool) -> List[Lis
             r["variant"],
             _ms(r["median_s"]),
             f"{_ms(r['p25_s'])}-{_ms(r['p75_s'])}",
+            _ms(r["min_s"]),
             "-" if ratio is None else f"{ratio:.2f}x",
             f"{r['gbps']:.1f}",
-            f"{100 * r['gbps'] / copy_gbps:.0f}%",
+            "-" if r["frac_copy"] is None else f"{100 * r['frac_copy']:.0f}%",
             _mb(r["extra_bytes"]),
         ]
         if cuda:
@@ -494,12 +508,12 @@ def table_rows(res: Dict[str, object], copy_gbps: float, cuda: bool) -> List[Lis
     return rows
 
 
-HEADERS = ["variant", "median ms", "p25-p75 ms", "vs best SGD", "GB/s", "of copy", "extra MiB"]
+HEADERS = ["variant", "median ms", "p25-p75 ms", "min ms", "vs best SGD", "GB/s", "of copy", "extra MiB"]
 
 
-def format_table(res, copy_gbps: float, cuda: bool) -> str:
+def format_table(res, cuda: bool) -> str:
     headers = HEADERS + (["step peak MiB"] if cuda else [])
-    rows = table_rows(res, copy_gbps, cuda)
+    rows = table_rows(res, cuda)
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(headers)]
     lines = [set_title(res) + f"  [best SGD: {res['best_sgd']}; {res['rounds']} rounds]"]
@@ -527,7 +541,7 @@ def format_markdown(report: Dict[str, object], json_name: str) -> str:
     out = [
         f"**{m['device_name']}** ({m['device']}, {m['torch_threads']} torch threads), "
         f"torch {m['torch']}, triton {m['triton']}, sngm_ext {m['sngm_ext']}, "
-        f"commit `{(m['git_commit'] or '?')[:10]}`, {m['date']}; copy bandwidth "
+        f"commit `{(m['git_commit'] or '?')[:10]}`, {m['date']}; copy bandwidth up front "
         f"{report['copy']['gbps']:.1f} GB/s{_load(m)}. Data: [{json_name}]({json_name}).",
         "",
     ]
@@ -537,7 +551,7 @@ def format_markdown(report: Dict[str, object], json_name: str) -> str:
         out.append("")
         out.append("| " + " | ".join(headers) + " |")
         out.append("|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|")
-        for r in table_rows(res, report["copy"]["gbps"], cuda):
+        for r in table_rows(res, cuda):
             out.append("| " + " | ".join(r) + " |")
         for name, why in res["skipped"].items():
             out.append(f"\n({name} left out: {why})")
@@ -668,8 +682,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     specs, unavailable = variant_specs(device)
     machine = machine_info(device)
     timer = Timer(device)
-    copy = copy_bandwidth(device, (1 << 30) if gpu else (1 << 28), timer,
-                          samples=10, progress=progress)
+    probe = CopyProbe(device, (1 << 29) if gpu else (1 << 28))
+    copy = probe.measure(timer, samples=10, progress=progress)
     progress.done(
         f"{machine['device_name']} ({dev}, {machine['torch_threads']} threads), torch "
         f"{machine['torch']}, triton {machine['triton']}; copy {copy['gbps']:.1f} GB/s"
@@ -684,7 +698,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     for ps in psets:
         res = None
         try:
-            res = measure_set(ps, device, specs, timer, settings, progress)
+            res = measure_set(ps, device, specs, timer, settings, progress, probe)
         except torch.cuda.OutOfMemoryError as e:  # type: ignore[attr-defined]
             errors[ps.name] = f"out of memory: {str(e).splitlines()[0]}"
             progress.done(f"{ps.name}: left out, {errors[ps.name]}")
@@ -694,7 +708,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
             continue
         results.append(res)
         progress.done()
-        print(format_table(res, copy["gbps"], gpu), end="\n\n", flush=True)
+        print(format_table(res, gpu), end="\n\n", flush=True)
 
     if hasattr(os, "getloadavg"):
         machine["load_average_end"] = list(os.getloadavg())

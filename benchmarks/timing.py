@@ -166,23 +166,41 @@ def summarize(xs: Sequence[float]) -> Dict[str, float]:
     }
 
 
-def copy_bandwidth(device: torch.device, nbytes: int, timer: Timer, samples: int = 10,
-                   progress: Optional[Progress] = None) -> Dict[str, float]:
-    """GB/s of ``dst.copy_(src)`` on ``nbytes``-sized fp32 tensors; bytes moved = 2 x nbytes."""
-    n = nbytes // 4
-    src = torch.randn(n, device=device) if device.type == "cuda" else torch.ones(n)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    timer.sync()
-    xs = []
-    for i in range(samples):
-        if progress:
-            progress.update(f"copy bandwidth {i + 1}/{samples}")
-        xs.append(timer(lambda: dst.copy_(src)))
-    del src, dst
-    st = summarize(xs)
-    st["bytes"] = 2 * n * 4
-    st["gbps"] = st["bytes"] / st["median_s"] / 1e9
-    st["samples_s"] = xs
-    return st
+class CopyProbe:
+    """``dst.copy_(src)`` on two ``nbytes`` fp32 buffers: the machine's copy bandwidth.
+
+    Timed up front and again as one more interleaved case in every param set's rounds, so that a
+    set's "fraction of copy bandwidth" divides by a copy measured under the same conditions.
+    Bytes moved per copy: 2 x nbytes.
+    """
+
+    def __init__(self, device: torch.device, nbytes: int):
+        n = nbytes // 4
+        self.src = torch.ones(n, device=device)
+        self.dst = torch.empty_like(self.src)
+        self.bytes = 2 * n * 4
+
+    def step(self) -> None:
+        self.dst.copy_(self.src)
+
+    def case(self) -> Case:
+        return Case("copy", self.step)
+
+    def stats(self, samples: Sequence[float]) -> Dict[str, object]:
+        st: Dict[str, object] = dict(summarize(samples))
+        st["bytes"] = self.bytes
+        st["gbps"] = self.bytes / st["median_s"] / 1e9
+        st["samples_s"] = list(samples)
+        return st
+
+    def measure(self, timer: Timer, samples: int = 10,
+                progress: Optional[Progress] = None) -> Dict[str, object]:
+        for _ in range(3):
+            self.step()
+        timer.sync()
+        xs = []
+        for i in range(samples):
+            if progress:
+                progress.update(f"copy bandwidth {i + 1}/{samples}")
+            xs.append(timer(self.step))
+        return self.stats(xs)
