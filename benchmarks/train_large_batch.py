@@ -50,7 +50,7 @@ GRIDS = {
 # The full run's choices (benchmarks/results/train_full.json), used by --quick.
 FIXED_LRS = {}
 
-FULL = dict(models="cnn", epochs=8, train_subset=16384, seeds="0")
+FULL = dict(models="cnn", epochs=6, train_subset=16384, seeds="0")
 QUICK = dict(models="cnn", epochs=3, train_subset=8192, seeds="0")
 
 

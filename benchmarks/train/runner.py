@@ -106,16 +106,18 @@ def train_run(data: Data, model_name: str, opt_name: str, batch_size: int, lr: f
             if not math.isfinite(train_loss):
                 diverged = True
             last = epoch == epochs - 1 or diverged
-            v = evaluate(model, data.val)
-            rec.update(val_loss=v["loss"], val_acc=v["acc"])
+            if last:  # the validation split only selects the lr: evaluated once, at the end
+                v = evaluate(model, data.val)
+                rec.update(val_loss=v["loss"], val_acc=v["acc"])
             if eval_test_every_epoch or last:
                 t = evaluate(model, data.test)
                 rec.update(test_loss=t["loss"], test_acc=t["acc"])
             curves.append(rec)
             if progress:
                 progress(f"epoch {epoch + 1}/{epochs} lr {lr_now:.4g} train_loss {train_loss:.4f} "
-                         f"val_acc {v['acc']:.4f}" + (f" test_acc {rec['test_acc']:.4f}"
-                                                      if "test_acc" in rec else ""))
+                         f"({rec['train_time_s']:.1f}s)"
+                         + (f" val_acc {rec['val_acc']:.4f}" if "val_acc" in rec else "")
+                         + (f" test_acc {rec['test_acc']:.4f}" if "test_acc" in rec else ""))
             if diverged:
                 break
     final = curves[-1]

@@ -1,0 +1,207 @@
+"""Smoke tests of benchmarks/train_large_batch.py (seconds, synthetic IDX data, no download), LARS
+as the paper writes it, and the paper's Section 4.2 counterexample F(x) = 0.5 (x + 1)^2."""
+
+import gzip
+import importlib.util
+import json
+import math
+import os
+import struct
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+if BENCH not in sys.path:
+    sys.path.insert(0, BENCH)
+
+from train.data import batches, load_fashion_mnist, read_idx  # noqa: E402
+from train.lars import LARS  # noqa: E402
+from train.runner import cosine_factor, train_run  # noqa: E402
+
+from sngm_ext import SNGM  # noqa: E402
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("train_large_batch", os.path.join(BENCH, "train_large_batch.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _write_idx(path, arr):
+    arr = np.asarray(arr)
+    code = {np.dtype(np.uint8): 0x08}[arr.dtype]
+    head = bytes([0, 0, code, arr.ndim]) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(head + arr.tobytes())
+
+
+@pytest.fixture(scope="module")
+def fake_fmnist(tmp_path_factory):
+    """A tiny learnable stand-in for Fashion-MNIST in the real files' names and IDX format."""
+    d = tmp_path_factory.mktemp("fmnist")
+    rng = np.random.default_rng(0)
+    protos = rng.integers(0, 256, size=(10, 28, 28))
+
+    def make(n):
+        y = rng.integers(0, 10, size=n).astype(np.uint8)
+        x = np.clip(protos[y] + rng.normal(0, 40, size=(n, 28, 28)), 0, 255).astype(np.uint8)
+        return x, y
+
+    xtr, ytr = make(700)
+    xte, yte = make(200)
+    _write_idx(d / "train-images-idx3-ubyte.gz", xtr)
+    _write_idx(d / "train-labels-idx1-ubyte.gz", ytr)
+    _write_idx(d / "t10k-images-idx3-ubyte.gz", xte)
+    _write_idx(d / "t10k-labels-idx1-ubyte.gz", yte)
+    return str(d), xtr, ytr
+
+
+def test_read_idx_and_splits(fake_fmnist):
+    root, xtr, ytr = fake_fmnist
+    assert np.array_equal(read_idx(os.path.join(root, "train-images-idx3-ubyte.gz")), xtr)
+    assert np.array_equal(read_idx(os.path.join(root, "train-labels-idx1-ubyte.gz")), ytr)
+    data = load_fashion_mnist(root, val_size=100, train_subset=300)
+    assert data.train.x.shape == (300, 1, 28, 28) and data.val.x.shape == (100, 1, 28, 28)
+    assert data.test.y.shape == (200,) and data.train.y.dtype == torch.int64
+    assert abs(data.train.x.mean().item()) < 1e-4 and abs(data.train.x.std().item() - 1) < 1e-3
+    # batches: every sample once per epoch, in an order set by the generator
+    seen = torch.cat([y for _, y in batches(data.train, 128, torch.Generator().manual_seed(0))])
+    assert seen.shape == (300,) and sorted(seen.tolist()) == sorted(data.train.y.tolist())
+    again = torch.cat([y for _, y in batches(data.train, 128, torch.Generator().manual_seed(0))])
+    assert torch.equal(seen, again)
+
+
+def test_missing_data_says_how_to_install(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
+        load_fashion_mnist(str(tmp_path))
+
+
+def test_cosine_schedule_is_the_papers():
+    assert cosine_factor(0, 160) == 1.0
+    assert math.isclose(cosine_factor(80, 160), 0.5)
+    assert math.isclose(cosine_factor(159, 160), 0.5 * (1 + math.cos(math.pi * 159 / 160)))
+
+
+def test_cli_quick_tiny_writes_json_table_and_plot(fake_fmnist, tmp_path, capsys):
+    root = fake_fmnist[0]
+    out = str(tmp_path / "train_test")
+    rc = _cli().main(["--quick", "--data-dir", root, "--val-size", "100", "--train-subset", "256",
+                      "--epochs", "2", "--batch-sizes", "32,256", "--optimizers", "msgd,lars,sngm,sngd",
+                      "--device", "cpu", "--threads", "1", "--out", out])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "Table 2" in printed and "SNGM" in printed and "LARS" in printed
+    res = json.load(open(out + ".json"))
+    assert res["schema"] == "sngm-ext/train_large_batch/v1"
+    for k in ("command", "settings", "environment", "data", "runs", "selection", "table", "wall_time_s"):
+        assert k in res
+    s = res["settings"]
+    assert s["momentum"] == 0.9 and s["weight_decay"] == 1e-4 and s["epochs"] == 2
+    assert res["data"]["n_train"] == 256 and res["data"]["n_val"] == 100
+    assert len(res["runs"]) == 8 and len(res["table"]) == 8
+    for r in res["runs"]:
+        assert {"model", "optimizer", "batch_size", "lr", "seed", "steps", "final", "curves"} <= set(r)
+        assert len(r["curves"]) == 2 and r["steps"] == 2 * math.ceil(256 / r["batch_size"])
+        assert r["curves"][0]["lr"] == r["lr"] and r["curves"][1]["lr"] == pytest.approx(r["lr"] * 0.5)
+        for c in r["curves"]:
+            assert {"epoch", "lr", "train_loss", "test_acc", "test_loss"} <= set(c)
+        assert 0 <= r["final"]["val_acc"] <= 1 and 0 <= r["final"]["test_acc"] <= 1
+    assert os.path.exists(out + ".md") and os.path.exists(out + "_cnn.png")
+
+
+def test_grid_selection_uses_validation(fake_fmnist, tmp_path):
+    root = fake_fmnist[0]
+    out = str(tmp_path / "train_grid")
+    rc = _cli().main(["--data-dir", root, "--val-size", "100", "--train-subset", "128", "--epochs", "1",
+                      "--batch-sizes", "64", "--optimizers", "sngm", "--lr", "sngm@64=0.01,0.1",
+                      "--extend-edge", "0", "--device", "cpu", "--threads", "1", "--out", out, "--no-plots"])
+    assert rc == 0
+    res = json.load(open(out + ".json"))
+    (sel,) = res["selection"]
+    runs = {r["lr"]: r for r in res["runs"]}
+    assert sel["grid"] == [0.01, 0.1]
+    best = max(runs.values(), key=lambda r: (r["final"]["val_acc"], -r["final"]["val_loss"]))
+    assert sel["chosen_lr"] == best["lr"] and res["table"][0]["lr"] == best["lr"]
+
+
+def test_resnet_trains_one_epoch(fake_fmnist):
+    data = load_fashion_mnist(fake_fmnist[0], val_size=50, train_subset=64, test_subset=50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = train_run(data, "resnet", "sngm", 32, 0.1, 0, 1)
+    assert r["steps"] == 2 and math.isfinite(r["final"]["train_loss"])
+
+
+def test_lars_matches_the_papers_formula():
+    """Section 4.2 (momentum 0, no weight decay): w_s <- w_s - lr * ||w_s|| * g_s / ||g_s|| per block."""
+    g = torch.Generator().manual_seed(0)
+    w = [torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(7, generator=g, dtype=torch.float64)]
+    grads = [torch.randn_like(t) for t in w]
+    params = [t.clone().requires_grad_() for t in w]
+    for p, gr in zip(params, grads):
+        p.grad = gr.clone()
+    LARS(params, lr=0.1, momentum=0.0).step()
+    for p, w0, gr in zip(params, w, grads):
+        expect = w0 - 0.1 * w0.norm() * gr / gr.norm()
+        torch.testing.assert_close(p.detach(), expect)
+
+
+def test_lars_momentum_and_weight_decay():
+    """Ref. [24]'s LARS: m = b m + (g + wd w), w -= lr ||w|| m / ||m|| (the (1-b) factor cancels)."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    gs = [torch.randn(4, 4, generator=g, dtype=torch.float64) for _ in range(3)]
+    p = w.clone().requires_grad_()
+    opt = LARS([p], lr=0.05, momentum=0.9, weight_decay=1e-2)
+    ref, m = w.clone(), torch.zeros_like(w)
+    for gr in gs:
+        p.grad = gr.clone()
+        opt.step()
+        m = 0.9 * m + (gr + 1e-2 * ref)
+        ref = ref - 0.05 * ref.norm() * m / m.norm()
+        torch.testing.assert_close(p.detach(), ref)
+
+
+def test_lars_zero_weight_takes_plain_step():
+    p = torch.zeros(3, requires_grad=True)
+    p.grad = torch.tensor([1.0, -2.0, 0.5])
+    LARS([p], lr=0.1, momentum=0.9).step()
+    torch.testing.assert_close(p.detach(), torch.tensor([-0.1, 0.2, -0.05]))
+
+
+def _minimize(opt_factory, x0=1.0, steps=400):
+    """F(x) = 0.5 (x + 1)^2, minimum at x* = -1, with the lr decayed by the paper's cosine."""
+    x = torch.tensor([x0], dtype=torch.float64, requires_grad=True)
+    opt = opt_factory([x])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: cosine_factor(t, steps))
+    traj = []
+    for _ in range(steps):
+        opt.zero_grad()
+        (0.5 * (x + 1) ** 2).sum().backward()
+        opt.step()
+        sched.step()
+        traj.append(x.item())
+    return traj
+
+
+def test_counterexample_lars_goes_to_zero_sngm_to_minus_one():
+    """Section 4.2: with phi(z) = z, LARS is x <- (1 - lr) x for x > 0: it goes to 0, never to -1."""
+    lars = _minimize(lambda ps: LARS(ps, lr=0.1, momentum=0.0))
+    assert all(v > 0 for v in lars) and lars[-1] < 1e-3
+    # the exact iteration of the paper on the first steps: x_{t+1} = (1 - lr_t) x_t
+    x, expect = 1.0, []
+    for t in range(5):
+        x = (1 - 0.1 * cosine_factor(t, 400)) * x
+        expect.append(x)
+    assert lars[:5] == pytest.approx(expect)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sngm = _minimize(lambda ps: SNGM(ps, lr=0.05, momentum=0.9))
+        sngd = _minimize(lambda ps: SNGM(ps, lr=0.05, momentum=0.0))
+    assert abs(sngm[-1] + 1) < 1e-2 and abs(sngd[-1] + 1) < 1e-2
