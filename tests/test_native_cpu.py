@@ -69,15 +69,15 @@ def assert_native_close(actual, expected, dtype, what=""):
 SHAPES = [(), (0,), (1,), (4097,), (33, 17), "t(40, 24)", (3, 5000)]
 
 
-def make_params(dtype, seed=0):
+def make_params(dtype, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     ps = []
     for s in SHAPES:
         if isinstance(s, str):
-            t = torch.randn(40, 24, generator=g, dtype=torch.float64).to(dtype).t()
+            t = torch.randn(40, 24, generator=g, dtype=torch.float64).to(device, dtype).t()
             assert not t.is_contiguous()
         else:
-            t = torch.randn(s, generator=g, dtype=torch.float64).to(dtype)
+            t = torch.randn(s, generator=g, dtype=torch.float64).to(device, dtype)
         ps.append(torch.nn.Parameter(t))
     return ps
 
@@ -86,7 +86,7 @@ def grads_for(params, step, seed=100, scale=1.0):
     g = torch.Generator().manual_seed(seed + step)
     out = []
     for i, p in enumerate(params):
-        t = (scale * torch.randn(p.shape, generator=g, dtype=torch.float64)).to(p.dtype)
+        t = (scale * torch.randn(p.shape, generator=g, dtype=torch.float64)).to(p.device, p.dtype)
         if i == 5 and step % 2:  # a non-contiguous grad now and then
             t = t.t().contiguous().t()
         skip = (step == 1 and i in (3, 6)) or (step == 2 and i in (0, 4))
@@ -116,9 +116,10 @@ def split(params, n):
     return [params[:2], params[2:5], params[5:]]
 
 
-def run(backend, dtype, config, steps=4, norm=None, seed=0, grad_scale=1.0, threads=None):
+def run(backend, dtype, config, steps=4, norm=None, seed=0, grad_scale=1.0, threads=None,
+        device="cpu"):
     cfg = CONFIGS[config]
-    params = make_params(dtype, seed)
+    params = make_params(dtype, seed, device)
     groups = [dict(params=ps, **h) for ps, h in zip(split(params, len(cfg["groups"])), cfg["groups"])]
     opt = SNGM(groups, lr=0.1, backend=backend, norm=norm or cfg["norm"])
     old = torch.get_num_threads()
@@ -308,3 +309,37 @@ def test_update_skips_on_a_non_finite_total(ops):
 
 def test_auto_picks_the_native_cpu_backend(ops):
     assert sngm_ext.resolve_backend("auto", torch.device("cpu"))[0] == "cpu"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ops_handle_tables_not_from_buckets(ops, dtype):
+    """Starts and lengths that are not multiples of 16 (the scalar tails of every kernel)."""
+    g = torch.Generator().manual_seed(1)
+    n = 300
+    w = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+    grad = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+    u = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+    rows = [(5, 37, 0), (42, 1, 0), (43, 200, 1), (250, 0, 1)]
+    chunks = torch.tensor(rows, dtype=torch.int64).t().contiguous()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    partials = torch.empty(len(rows), dtype=acc)
+    ops.sumsq(w, grad, chunks, 0.25, True, partials, 0)
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    d = -grad.to(ct) + 0.25 * w.to(ct)
+    expect = torch.stack([d[s:s + L].square().sum() for s, L, _ in rows]).to(acc)
+    torch.testing.assert_close(partials, expect, rtol=REL.get(acc, 1e-6), atol=0)
+    sumsq = torch.tensor([4.0, 9.0], dtype=acc)  # norms 2 and 3 for segments 0 and 1
+    w0, u0 = w.clone(), u.clone()
+    ops.update(w, grad, u, chunks, sumsq, 0.1, 0.9, 0.25, True, True)
+    ew, eu = w0.clone(), u0.clone()
+    for s, L, seg in rows:
+        nd = d[s:s + L] * (1.0 / math.sqrt(sumsq[seg].item()))
+        uu = 0.9 * u0[s:s + L].to(ct) + nd
+        eu[s:s + L] = uu.to(dtype)
+        ew[s:s + L] = (w0[s:s + L].to(ct) - 0.1 * (nd + 0.9 * uu)).to(dtype)
+    assert_native_close(w, ew, dtype, "param")
+    assert_native_close(u, eu, dtype, "momentum")
+    untouched = torch.ones(n, dtype=torch.bool)
+    for s, L, _ in rows:
+        untouched[s:s + L] = False
+    assert torch.equal(w[untouched], w0[untouched]) and torch.equal(u[untouched], u0[untouched])
