@@ -77,6 +77,7 @@ def native_extensions():
                     sources=rel(nb.CPU_SOURCES),
                     extra_compile_args={"cxx": nb.cpu_cflags(cap, src_hash)},
                     extra_link_args=nb.cpu_ldflags(),
+                    optional=True,
                 )
             )
     if not _truthy("SNGM_SKIP_CUDA_BUILD"):
@@ -92,24 +93,35 @@ def native_extensions():
                     "sngm_ext._C_cuda",
                     sources=rel(nb.CUDA_SOURCES),
                     extra_compile_args=flags,
+                    optional=True,
                 )
             )
     if not exts:
         return [], {}
 
+    def failed(what, e):
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        _warn(
+            f"could not build {what} ({lines[0] if lines else type(e).__name__}); sngm_ext "
+            "installs without it: the first use tries to build it again, and backend='auto' "
+            "falls back where that fails"
+        )
+
     class OptionalBuildExtension(cpp_extension.BuildExtension):
-        """torch's BuildExtension, except that a module that fails to build is a warning."""
+        """torch's BuildExtension, except that what fails to build is a warning (the modules are
+        optional=True, so setuptools copies only the ones that exist)."""
+
+        def build_extensions(self):
+            try:  # also torch's compiler checks, which run before any module
+                super().build_extensions()
+            except Exception as e:  # noqa: BLE001
+                failed("the native extension", e)
 
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
             except Exception as e:  # noqa: BLE001
-                lines = [ln for ln in str(e).splitlines() if ln.strip()]
-                _warn(
-                    f"could not build {ext.name} ({lines[0] if lines else type(e).__name__}); "
-                    "sngm_ext installs without it: the first use tries to build it again, and "
-                    "backend='auto' falls back where that fails"
-                )
+                failed(ext.name, e)
 
     use_ninja = cpp_extension.is_ninja_available()
     if not use_ninja:
