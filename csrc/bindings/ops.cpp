@@ -1,9 +1,11 @@
 // The op schemas of the native extension, exactly sngm_ext/_ops.py's SCHEMAS in namespace
-// sngm_native, and the module's Python face (pybind11). Linked into every CPU module
-// (sngm_ext._C_<capability>, with ../cpu/sngm_cpu.cpp); the CUDA module (sngm_ext._C_cuda) only
-// adds kernels, so sngm_ext/native.py loads a CPU module first.
+// sngm_native, their CPU kernels (../cpu/sngm_cpu.cpp) and the module's Python face (pybind11).
+// Linked into every CPU module (sngm_ext._C_<capability>); the CUDA module (sngm_ext._C_cuda) only
+// adds CUDA kernels, so sngm_ext/native.py loads a CPU module first.
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
+
+#include "../cpu/sngm_cpu.h"
 
 #ifndef SNGM_SOURCE_HASH
 #define SNGM_SOURCE_HASH unknown
@@ -20,11 +22,6 @@
 extern "C" SNGM_USED const char sngm_cpu_source_marker[] =
     "sngm-source-hash:" SNGM_STR(SNGM_SOURCE_HASH);
 
-namespace sngm {
-const char* cpu_capability();  // sngm_cpu.cpp
-int cpu_vector_bytes();
-}  // namespace sngm
-
 TORCH_LIBRARY(sngm_native, m) {
   m.def(
       "sumsq(Tensor param, Tensor grad, Tensor chunks, float weight_decay, bool maximize, "
@@ -36,9 +33,15 @@ TORCH_LIBRARY(sngm_native, m) {
       "bool maximize) -> ()");
 }
 
+TORCH_LIBRARY_IMPL(sngm_native, CPU, m) {
+  m.impl("sumsq", &sngm::cpu::sumsq);
+  m.impl("finalize", &sngm::cpu::finalize);
+  m.impl("update", &sngm::cpu::update);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sngm_ext native extension: schemas of sngm_native::* and their CPU kernels";
   m.attr("source_hash") = SNGM_STR(SNGM_SOURCE_HASH);
-  m.attr("cpu_capability") = sngm::cpu_capability();
-  m.attr("vector_bytes") = sngm::cpu_vector_bytes();
+  m.attr("cpu_capability") = sngm::cpu::capability();
+  m.attr("vector_bytes") = sngm::cpu::vector_bytes();
 }

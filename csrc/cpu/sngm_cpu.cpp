@@ -1,12 +1,14 @@
-// The CPU kernels registered as sngm_native::{sumsq, finalize, update} for the CPU dispatch key.
+// The CPU kernels of sngm_native::{sumsq, finalize, update} (registered for the CPU dispatch key by
+// ../bindings/ops.cpp; this file stays free of torch/library.h, which costs seconds to compile).
 //
 // This file is compiled once per CPU capability, each time into its own extension module together
 // with ../bindings/ops.cpp (setup.py: sngm_ext._C_default / _C_avx2 / _C_avx512; the JIT build: the
 // one for this machine), with -DCPU_CAPABILITY=<name> -DCPU_CAPABILITY_<name> and that capability's
 // -m flags, the way ATen builds its kernels. sngm_ext/native.py loads exactly one: the best this CPU
 // supports according to torch (torch.backends.cpu.get_cpu_capability()).
+#include "sngm_cpu.h"
+
 #include <ATen/core/Tensor.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
@@ -22,6 +24,7 @@
 #include "sngm_cpu_kernels.h"
 
 namespace sngm {
+namespace cpu {
 namespace {
 
 namespace K = sngm::CPU_CAPABILITY;
@@ -40,7 +43,9 @@ void check_chunk_rows(const char* op, const int64_t* ch, int64_t n, int64_t nume
   }
 }
 
-void sumsq_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& chunks,
+}  // namespace
+
+void sumsq(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& chunks,
                double weight_decay, bool maximize, const at::Tensor& partials,
                int64_t partial_offset) {
   check_bucket("sumsq", c10::DeviceType::CPU, param, grad, std::nullopt, chunks);
@@ -63,6 +68,7 @@ void sumsq_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor
   });
 }
 
+namespace {
 template <typename P>
 double sum_range(const P* p, int64_t lo, int64_t hi) {
   double s = 0.0;  // fp64 whatever the partials' dtype; always in index order
@@ -72,7 +78,9 @@ double sum_range(const P* p, int64_t lo, int64_t hi) {
   return s;
 }
 
-void finalize_cpu(const at::Tensor& partials, const at::Tensor& seg_ptr, const at::Tensor& sumsq) {
+}  // namespace
+
+void finalize(const at::Tensor& partials, const at::Tensor& seg_ptr, const at::Tensor& sumsq) {
   check_acc_dtype(partials, "finalize", "partials");
   check_acc_dtype(sumsq, "finalize", "sumsq");
   TORCH_CHECK(partials.device().is_cpu() && seg_ptr.device().is_cpu() && sumsq.device().is_cpu(),
@@ -113,7 +121,7 @@ void finalize_cpu(const at::Tensor& partials, const at::Tensor& seg_ptr, const a
   store(0, total);
 }
 
-void update_cpu(const at::Tensor& param, const at::Tensor& grad,
+void update(const at::Tensor& param, const at::Tensor& grad,
                 const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& chunks,
                 const at::Tensor& sumsq, double lr, double momentum, double weight_decay,
                 bool nesterov, bool maximize) {
@@ -147,18 +155,9 @@ void update_cpu(const at::Tensor& param, const at::Tensor& grad,
   });
 }
 
-}  // namespace
-}  // namespace sngm
+const char* capability() { return SNGM_STR(CPU_CAPABILITY); }
 
-TORCH_LIBRARY_IMPL(sngm_native, CPU, m) {
-  m.impl("sumsq", &sngm::sumsq_cpu);
-  m.impl("finalize", &sngm::finalize_cpu);
-  m.impl("update", &sngm::update_cpu);
-}
+int vector_bytes() { return static_cast<int>(at::vec::Vectorized<float>::size() * sizeof(float)); }
 
-namespace sngm {
-const char* cpu_capability() { return SNGM_STR(CPU_CAPABILITY); }
-int cpu_vector_bytes() {
-  return static_cast<int>(at::vec::Vectorized<float>::size() * sizeof(float));
-}
+}  // namespace cpu
 }  // namespace sngm

@@ -1,0 +1,26 @@
+// Entry points of the CPU kernels (sngm_cpu.cpp), registered by ../bindings/ops.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace sngm {
+namespace cpu {
+
+void sumsq(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& chunks,
+           double weight_decay, bool maximize, const at::Tensor& partials, int64_t partial_offset);
+
+void finalize(const at::Tensor& partials, const at::Tensor& seg_ptr, const at::Tensor& sumsq);
+
+void update(const at::Tensor& param, const at::Tensor& grad,
+            const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& chunks,
+            const at::Tensor& sumsq, double lr, double momentum, double weight_decay,
+            bool nesterov, bool maximize);
+
+const char* capability();  // the CPU_CAPABILITY this module was compiled for
+int vector_bytes();        // bytes of an at::vec::Vectorized<float>
+
+}  // namespace cpu
+}  // namespace sngm
