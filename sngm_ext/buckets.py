@@ -44,13 +44,30 @@ def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
 
+def _storage_refs(t: Tensor) -> int:
+    """How many tensors (and storage wrappers) hold ``t``'s storage; 0 where torch cannot say."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    return use_count(t.untyped_storage()._cdata) if use_count is not None else 0
+
+
+# A tensor alone with its storage, as counted while a wrapper of the storage is being asked.
+_ALONE = _storage_refs(torch.empty(1))
+
+
 def owns_storage(t: Tensor) -> bool:
-    """True when ``t`` is the only thing its storage holds, so re-pointing it loses no aliasing."""
+    """True when ``t`` is the only thing its storage holds, so re-pointing it loses no aliasing.
+
+    A tensor that spans its whole storage may still share it with another tensor object: the flat
+    buffer it was cut from (ZeroRedundancyOptimizer's ``parameters_as_bucket_view``, DDP's
+    ``gradient_as_bucket_view`` with one param in a bucket); the storage's use count tells.
+    """
     if type(t) not in (torch.Tensor, torch.nn.Parameter) or not t.is_contiguous():
         return False
     if t.storage_offset() != 0:
         return False
-    return t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        return False
+    return _storage_refs(t) <= _ALONE
 
 
 class LayoutChanged(RuntimeError):
