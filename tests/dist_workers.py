@@ -234,11 +234,14 @@ def ddp_find_unused_no_sync(backend):
 # ---------------------------------------------------------------- FSDP2
 
 
-def fsdp_model():
+def fsdp_model(hsdp=False):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (WORLD,))
+    if hsdp:  # a 2-D mesh, replicate x shard: only the shard dim's group is reduced over
+        mesh = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh("cpu", (WORLD,))
     model = Net()
     fully_shard(model.a, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -262,8 +265,8 @@ def snapshot_fsdp(model, opt):
     return out
 
 
-def _fsdp_run(backend, norm):
-    model = fsdp_model()
+def _fsdp_run(backend, norm, hsdp=False):
+    model = fsdp_model(hsdp)
     opt = SNGM(param_groups(model), backend=backend, norm=norm)
     ref = oracle(backend, norm=norm)
     n_params = len(list(model.parameters()))
@@ -291,6 +294,11 @@ def fsdp(backend):
 @scenario
 def fsdp_tensor_norm(backend):
     _fsdp_run(backend, "tensor")
+
+
+@scenario
+def hsdp_mesh(backend):
+    _fsdp_run(backend, "global", hsdp=True)
 
 
 @scenario
@@ -367,7 +375,7 @@ def fsdp_checkpoint_resume(backend):
 # ---------------------------------------------------------------- ZeRO
 
 
-def zero_optimizer(model, backend, norm="global"):
+def zero_optimizer(model, backend, norm="global", **zero_kwargs):
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     groups = param_groups(model)
@@ -378,6 +386,7 @@ def zero_optimizer(model, backend, norm="global"):
         optimizer_class=functools.partial(SNGM, process_group=dist.group.WORLD, backend=backend,
                                           norm=norm),
         lr=first["lr"], momentum=first["momentum"], weight_decay=first["weight_decay"],
+        **zero_kwargs,
     )
     zero.add_param_group(rest)
     return zero
@@ -399,12 +408,12 @@ def check_zero(ref_step, got, what):
             close(got[n][1], m, f"{what}: momentum of {n}")
 
 
-def _zero_run(backend, norm):
+def _zero_run(backend, norm, **zero_kwargs):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = Net()
     ddp = DDP(model, find_unused_parameters=True)
-    zero = zero_optimizer(model, backend, norm)
+    zero = zero_optimizer(model, backend, norm, **zero_kwargs)
     ref = oracle(backend, norm=norm)
     owned = 0
     for s in range(STEPS):
@@ -428,8 +437,9 @@ def zero(backend):
 
 
 @scenario
-def zero_tensor_norm(backend):
-    _zero_run(backend, "tensor")
+def zero_tensor_norm_bucket_view(backend):
+    """norm="tensor" (only the total is reduced), params as views of ZeRO's buckets."""
+    _zero_run(backend, "tensor", parameters_as_bucket_view=True)
 
 
 @scenario
