@@ -7,3 +7,10 @@ PY=${PYTHON:-python3}
 $PY -m pip install -q -r requirements-dev.txt
 # --no-build-isolation: build against the torch just installed, not a fresh multi-GB CUDA one.
 $PY -m pip install -q --no-build-isolation -e .
+# Headers and libraries of a CUDA build of torch for the CUDA compile/link check
+# (tests/test_cuda_compile.py): unpacked, never imported (550 MB wheel; on these machines it lies
+# on local disk). Only where nvcc exists; the check is skipped elsewhere, except in CI.
+TREE=${SNGM_TORCH_CUDA_TREE:-$HOME/.cache/sngm_ext/torch-2.14.1-cuda}
+if { command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; } && [ ! -f "$TREE/torch/include/ATen/ATen.h" ]; then
+  $PY -m pip install -q --no-deps --target "$TREE" torch==2.14.1
+fi
