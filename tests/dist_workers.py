@@ -1,8 +1,8 @@
 """Multi-process checks of SNGM under torch.distributed (gloo, CPU), run by test_distributed.py.
 
-One process per rank: ``python tests/dist_workers.py OUTDIR BACKENDS SCENARIOS`` with RANK,
-WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment. Every scenario runs for every backend;
-each rank writes ``OUTDIR/rank<r>.json``: {"<scenario>[<backend>]": "ok" | traceback}. The first
+One process per rank: ``python tests/dist_workers.py OUTDIR '[["ddp", ["reference", "cpu"]], ...]'``
+with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment: each scenario runs for each of
+its backends; each rank writes ``OUTDIR/rank<r>.json``: {"<scenario>[<backend>]": "ok" | traceback}. The first
 failure ends the run (the other ranks' collectives then fail fast rather than wait), so later
 scenarios are reported missing. Each scenario compares against a single-process SNGM run on the
 full batch that every rank computes for itself.
@@ -564,7 +564,7 @@ OUTDIR = ""
 
 def main(argv):
     global RANK, WORLD, OUTDIR
-    OUTDIR, backends, wanted = argv[0], argv[1].split(","), argv[2].split(",")
+    OUTDIR, plan = argv[0], json.loads(argv[1])  # [[scenario, [backend, ...]], ...]
     RANK, WORLD = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=RANK, world_size=WORLD,
@@ -573,7 +573,7 @@ def main(argv):
     results = {}
     path = os.path.join(OUTDIR, f"rank{RANK}.json")
     failed = False
-    for name in wanted:
+    for name, backends in plan:
         for backend in backends:
             key = f"{name}[{backend}]"
             t0 = time.perf_counter()
