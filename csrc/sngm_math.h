@@ -1,10 +1,10 @@
-// Per-element maths of the fused SNGM step, shared by the CPU kernels (scalar and at::vec::Vectorized
-// types) and the CUDA kernels (float/double): one definition, so the CPU tests exercise the very
-// expressions the GPU runs. Must stay free of torch headers (nvcc includes it).
+// Per-element maths of the fused SNGM step, shared by the CPU kernels (scalar and
+// at::vec::Vectorized types) and the CUDA kernels (float/double): one definition, so the CPU tests
+// exercise the very expressions the GPU runs. Must stay free of torch headers (nvcc includes it).
 //
 // The step (sngm_ext/reference.py is the oracle; C is the compute type: double for fp64 params,
 // float otherwise; A is the sums-of-squares type, float or double):
-//     d    = sign * g + wd * w                     (wd == 0: w is not read, the reference adds nothing)
+//     d    = sign * g + wd * w        (wd == 0: w is not read; the reference adds nothing either)
 //     inv  = n > 0 ? 1 / n : 0,  n = sqrt(sumsq)   (in A, then cast to C)
 //     nd   = d * inv
 //     u'   = beta * u + nd

@@ -18,7 +18,7 @@
 #define SNGM_USED
 #endif
 
-// Found by sngm_ext/native.py in the file's bytes: a prebuilt module older than csrc/ is not loaded.
+// Found by sngm_ext/native.py in the file's bytes: a prebuilt module older than csrc/ is skipped.
 extern "C" SNGM_USED const char sngm_cpu_source_marker[] =
     "sngm-source-hash:" SNGM_STR(SNGM_SOURCE_HASH);
 

@@ -4,12 +4,13 @@
 // This file is compiled once per CPU capability, each time into its own extension module together
 // with ../bindings/ops.cpp (setup.py: sngm_ext._C_default / _C_avx2 / _C_avx512; the JIT build: the
 // one for this machine), with -DCPU_CAPABILITY=<name> -DCPU_CAPABILITY_<name> and that capability's
-// -m flags, the way ATen builds its kernels. sngm_ext/native.py loads exactly one: the best this CPU
-// supports according to torch (torch.backends.cpu.get_cpu_capability()).
+// -m flags, the way ATen builds its kernels. sngm_ext/native.py loads exactly one: the best this
+// CPU supports according to torch (torch.backends.cpu.get_cpu_capability()).
 #include "sngm_cpu.h"
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -31,8 +32,10 @@ namespace K = sngm::CPU_CAPABILITY;
 
 // Every row of the table must address memory inside the bucket (and, for update, a sum of squares
 // that exists): checked before any thread touches memory, so a bad table raises and writes nothing.
-void check_chunk_rows(const char* op, const int64_t* ch, int64_t n, int64_t numel,
-                      int64_t n_sumsq) {
+// Returns the elements the table covers.
+int64_t check_chunk_rows(const char* op, const int64_t* ch, int64_t n, int64_t numel,
+                         int64_t n_sumsq) {
+  int64_t total = 0;
   for (int64_t c = 0; c < n; ++c) {
     const int64_t start = ch[c], len = ch[n + c], seg = ch[2 * n + c];
     TORCH_CHECK(start >= 0 && len >= 0 && start <= numel && len <= numel - start, "sngm_native::",
@@ -40,7 +43,19 @@ void check_chunk_rows(const char* op, const int64_t* ch, int64_t n, int64_t nume
                 ") lies outside the bucket of ", numel, " elements");
     TORCH_CHECK(n_sumsq < 0 || (seg >= 0 && seg < n_sumsq), "sngm_native::", op, ": chunk ", c,
                 " names segment ", seg, " but sumsq has ", n_sumsq, " entries");
+    total += len;
   }
+  return total;
+}
+
+// Chunks per at::parallel_for task: about at::internal::GRAIN_SIZE elements (chunks of small
+// tensors are short), so a small bucket runs on the calling thread alone.
+int64_t grain_chunks(int64_t n_chunks, int64_t elements) {
+  constexpr int64_t kGrainElements = 32768;
+  if (elements <= kGrainElements) {
+    return n_chunks;
+  }
+  return std::max<int64_t>(1, n_chunks * kGrainElements / elements);
 }
 
 }  // namespace
@@ -60,10 +75,10 @@ void sumsq(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& ch
     return;
   }
   const int64_t* ch = chunks.const_data_ptr<int64_t>();
-  check_chunk_rows("sumsq", ch, n, param.numel(), -1);
+  const int64_t grain = grain_chunks(n, check_chunk_rows("sumsq", ch, n, param.numel(), -1));
   K::dtype_dispatch(param.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    K::sumsq_kernel<scalar_t>(param, grad, ch, n, weight_decay, maximize, partials,
+    K::sumsq_kernel<scalar_t>(param, grad, ch, n, grain, weight_decay, maximize, partials,
                               partial_offset);
   });
 }
@@ -134,7 +149,8 @@ void update(const at::Tensor& param, const at::Tensor& grad,
     return;
   }
   const int64_t* ch = chunks.const_data_ptr<int64_t>();
-  check_chunk_rows("update", ch, n, param.numel(), sumsq.numel());
+  const int64_t grain =
+      grain_chunks(n, check_chunk_rows("update", ch, n, param.numel(), sumsq.numel()));
   const bool s64 = sumsq.scalar_type() == c10::kDouble;
   const bool finite = s64 ? sngm::is_finite(sumsq.const_data_ptr<double>()[0])
                           : sngm::is_finite(sumsq.const_data_ptr<float>()[0]);
@@ -144,11 +160,11 @@ void update(const at::Tensor& param, const at::Tensor& grad,
   K::dtype_dispatch(param.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     if (s64) {
-      K::update_kernel<scalar_t>(param, grad, momentum_buffer, ch, n,
+      K::update_kernel<scalar_t>(param, grad, momentum_buffer, ch, n, grain,
                                  sumsq.const_data_ptr<double>(), lr, momentum, weight_decay,
                                  nesterov, maximize);
     } else {
-      K::update_kernel<scalar_t>(param, grad, momentum_buffer, ch, n,
+      K::update_kernel<scalar_t>(param, grad, momentum_buffer, ch, n, grain,
                                  sumsq.const_data_ptr<float>(), lr, momentum, weight_decay,
                                  nesterov, maximize);
     }

@@ -30,9 +30,6 @@ using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, f
 template <typename scalar_t>
 constexpr bool is_reduced = !std::is_same_v<scalar_t, compute_t<scalar_t>>;
 
-// Chunks per at::parallel_for task at least: a small bucket stays on one thread.
-constexpr int64_t kGrainChunks = 8;
-
 // Calls f(std::integral_constant<bool, b>{}).
 template <typename F>
 inline void bool_dispatch(bool b, F&& f) {
@@ -146,8 +143,8 @@ void chunk_update(scalar_t* w, const scalar_t* g, scalar_t* u, int64_t len,
 
 template <typename scalar_t>
 void sumsq_kernel(const at::Tensor& param, const at::Tensor& grad, const int64_t* chunks,
-                  int64_t n_chunks, double weight_decay, bool maximize, const at::Tensor& partials,
-                  int64_t partial_offset) {
+                  int64_t n_chunks, int64_t grain, double weight_decay, bool maximize,
+                  const at::Tensor& partials, int64_t partial_offset) {
   using C = compute_t<scalar_t>;
   const scalar_t* w = param.const_data_ptr<scalar_t>();
   const scalar_t* g = grad.const_data_ptr<scalar_t>();
@@ -156,7 +153,7 @@ void sumsq_kernel(const at::Tensor& param, const at::Tensor& grad, const int64_t
   const C sign = maximize ? C(-1) : C(1);
   const C wd = static_cast<C>(weight_decay);
   bool_dispatch(weight_decay != 0.0, [&](auto has_wd) {
-    at::parallel_for(0, n_chunks, kGrainChunks, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n_chunks, grain, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         const int64_t start = chunks[c], len = chunks[n_chunks + c];
         C s = chunk_sumsq<scalar_t, decltype(has_wd)::value>(w + start, g + start, len, sign, wd);
@@ -173,8 +170,8 @@ void sumsq_kernel(const at::Tensor& param, const at::Tensor& grad, const int64_t
 template <typename scalar_t, typename A>
 void update_kernel(const at::Tensor& param, const at::Tensor& grad,
                    const std::optional<at::Tensor>& momentum, const int64_t* chunks,
-                   int64_t n_chunks, const A* sumsq, double lr, double beta, double weight_decay,
-                   bool nesterov, bool maximize) {
+                   int64_t n_chunks, int64_t grain, const A* sumsq, double lr, double beta,
+                   double weight_decay, bool nesterov, bool maximize) {
   using C = compute_t<scalar_t>;
   scalar_t* w = param.data_ptr<scalar_t>();
   const scalar_t* g = grad.const_data_ptr<scalar_t>();
@@ -182,7 +179,7 @@ void update_kernel(const at::Tensor& param, const at::Tensor& grad,
   const sngm::Hyper<C> base{static_cast<C>(lr), static_cast<C>(beta),
                             static_cast<C>(weight_decay), maximize ? C(-1) : C(1), C(0)};
   auto run = [&](auto has_mom, auto nesterov_t, auto has_wd) {
-    at::parallel_for(0, n_chunks, kGrainChunks, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n_chunks, grain, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         const int64_t start = chunks[c], len = chunks[n_chunks + c], seg = chunks[2 * n_chunks + c];
         sngm::Hyper<C> h = base;

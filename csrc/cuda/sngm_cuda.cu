@@ -47,7 +47,9 @@ template <>
 struct Traits<Dtype::kBFloat16> {
   using S = uint16_t;
   using C = float;
-  static __device__ __forceinline__ C load(S x) { return __bfloat162float(__ushort_as_bfloat16(x)); }
+  static __device__ __forceinline__ C load(S x) {
+    return __bfloat162float(__ushort_as_bfloat16(x));
+  }
   static __device__ __forceinline__ S store(C x) {
     return __bfloat16_as_ushort(__float2bfloat16_rn(x));  // round to nearest even, like c10
   }
@@ -147,8 +149,8 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   for (int64_t i = scalar_from + threadIdx.x; i < len; i += kThreads) {
-    const C d = sngm::direction<HAS_WD>(T::load(g[start + i]), HAS_WD ? T::load(w[start + i]) : C(0),
-                                        sign, wd);
+    const C wc = HAS_WD ? T::load(w[start + i]) : C(0);
+    const C d = sngm::direction<HAS_WD>(T::load(g[start + i]), wc, sign, wd);
     acc += d * d;
   }
   using Reduce = cub::BlockReduce<C, kThreads>;
@@ -165,8 +167,8 @@ __global__ void __launch_bounds__(kThreads)
 
 __global__ void __launch_bounds__(kFinalizeThreads)
     finalize_kernel(const void* __restrict__ partials, bool partials_f64,
-                    const int64_t* __restrict__ seg_ptr, int64_t n_segments, void* __restrict__ sumsq,
-                    bool sumsq_f64, bool per_segment) {
+                    const int64_t* __restrict__ seg_ptr, int64_t n_segments,
+                    void* __restrict__ sumsq, bool sumsq_f64, bool per_segment) {
   using Reduce = cub::BlockReduce<double, kFinalizeThreads>;
   __shared__ typename Reduce::TempStorage tmp;
   const double* pd = static_cast<const double*>(partials);
@@ -201,7 +203,8 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 
 template <Dtype D, bool HAS_MOM, bool NESTEROV, bool HAS_WD>
 __global__ void __launch_bounds__(kThreads)
-    update_kernel(typename Traits<D>::S* __restrict__ w, const typename Traits<D>::S* __restrict__ g,
+    update_kernel(typename Traits<D>::S* __restrict__ w,
+                  const typename Traits<D>::S* __restrict__ g,
                   typename Traits<D>::S* __restrict__ u, const int64_t* __restrict__ chunks,
                   int64_t n_chunks, int64_t numel, const void* __restrict__ sumsq, bool sumsq_f64,
                   int64_t n_sumsq, typename Traits<D>::C lr, typename Traits<D>::C beta,
@@ -220,8 +223,8 @@ __global__ void __launch_bounds__(kThreads)
   if (!chunk_row(chunks, n_chunks, numel, start, len, seg) || seg < 0 || seg >= n_sumsq) {
     return;
   }
-  const sngm::Hyper<C> h{lr, beta, wd, sign,
-                         sumsq_f64 ? sngm::inverse_norm<C>(sd[seg]) : sngm::inverse_norm<C>(sf[seg])};
+  const C inv = sumsq_f64 ? sngm::inverse_norm<C>(sd[seg]) : sngm::inverse_norm<C>(sf[seg]);
+  const sngm::Hyper<C> h{lr, beta, wd, sign, inv};
   int64_t scalar_from = 0;
   if (aligned16 && start % N == 0) {
     const int64_t n_packs = len / N;
