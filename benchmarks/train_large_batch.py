@@ -29,6 +29,7 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 
 from train.data import load_fashion_mnist  # noqa: E402
+from train.models import MODELS  # noqa: E402
 from train.report import plot_curves, select_lr, summarize, table_lines  # noqa: E402
 from train.runner import LABELS, OPTIMIZERS, sngm_backend_name, train_run  # noqa: E402
 
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="fewer epochs on a smaller subset, one lr per method fixed from the full run")
-    p.add_argument("--models", help=f"comma list of cnn,resnet (default {FULL['models']})")
+    p.add_argument("--models", help=f"comma list of cnn, resnet (ResNet-8), resnet20, ... (default {FULL['models']})")
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma list of " + ",".join(OPTIMIZERS))
     p.add_argument("--batch-sizes", default="128,4096")
     p.add_argument("--epochs", type=int, help=f"epochs of every run (full {FULL['epochs']}, quick {QUICK['epochs']})")
@@ -168,8 +169,7 @@ def main(argv=None) -> int:
         "lrs": {f"{m}/{o}/{bs}": {"lrs": v[0], "source": v[1]} for (m, o, bs), v in plan.items()},
         "adam": "torch.optim.Adam, betas (0.9, 0.999), L2 weight decay",
         "lars": "benchmarks/train/lars.py: per tensor, w -= lr * ||w|| * m / ||m||, m = 0.9 m + g + wd w",
-        "models_desc": {"cnn": "LeNet-5 shape: conv5x5(6)-pool-conv5x5(16)-pool-fc120-fc84-fc10",
-                        "resnet": "ResNet-8 (3 stages x 1 basic block, widths 16/32/64, BatchNorm)"},
+        "models_desc": {m: MODELS.get(m, MODELS["resnetN"] if m.startswith("resnet") else m) for m in models},
     }
     env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),

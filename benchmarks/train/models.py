@@ -2,8 +2,8 @@
 
 - ``cnn``: two convolutional layers and two fully connected ones, the kind of network of the
   paper's Figure 1 (a network with two convolutional layers), sized for 28x28 grey images.
-- ``resnet``: a CIFAR-style ResNet (He et al.'s 6n+2 family, like the paper's ResNet-20) with
-  three stages of n basic blocks each; depth 8 (n=1) by default to fit a 2-core CPU budget.
+- ``resnet`` / ``resnetN``: a CIFAR-style ResNet (He et al.'s 6n+2 family, like the paper's
+  ResNet-20) with three stages of n basic blocks each; ``resnet`` is ResNet-8 (n=1).
 """
 
 from __future__ import annotations
@@ -80,9 +80,17 @@ class ResNet(nn.Module):
         return self.fc(x)
 
 
+MODELS = {
+    "cnn": "LeNet-5 shape: conv5x5(6)-pool-conv5x5(16)-pool-fc120-fc84-fc10",
+    "resnet": "ResNet-8: 3x3 conv(16) + 3 stages x 1 basic block (16/32/64, BatchNorm), avg-pool, fc",
+    "resnetN": "ResNet-N, N = 6n+2 (resnet20: the paper's ResNet-20 with 3 blocks per stage)",
+}
+
+
 def build_model(name: str, **kw) -> nn.Module:
     if name == "cnn":
         return SmallCNN(**kw)
-    if name == "resnet":
-        return ResNet(**kw)
-    raise ValueError(f"unknown model {name!r} (cnn, resnet)")
+    if name.startswith("resnet"):
+        depth = int(name[len("resnet"):] or 8)
+        return ResNet(depth=depth, **kw)
+    raise ValueError(f"unknown model {name!r} (cnn, resnet, resnet8, resnet14, resnet20, ...)")
