@@ -49,10 +49,15 @@ GRIDS = {
 }
 
 # The full run's choices (benchmarks/results/train_full.json), used by --quick.
-FIXED_LRS = {}
+FIXED_LRS = {
+    ("cnn", "msgd", 128): 0.03, ("cnn", "lars", 128): 0.01, ("cnn", "sngm", 128): 0.1,
+    ("cnn", "sngm_tensor", 128): 0.03, ("cnn", "sngd", 128): 1.0, ("cnn", "adam", 128): 0.01,
+    ("cnn", "msgd", 4096): 0.1, ("cnn", "lars", 4096): 0.03, ("cnn", "sngm", 4096): 0.3,
+    ("cnn", "sngm_tensor", 4096): 0.1, ("cnn", "sngd", 4096): 1.0, ("cnn", "adam", 4096): 0.01,
+}
 
-FULL = dict(models="cnn", epochs=6, train_subset=16384, seeds="0")
-QUICK = dict(models="cnn", epochs=3, train_subset=8192, seeds="0")
+FULL = dict(models="cnn", epochs=6, train_subset=16384, seeds="0,1,2")
+QUICK = dict(models="cnn", epochs=4, train_subset=16384, seeds="0")
 
 
 def grid_for(opt: str, bs: int, overrides: dict) -> list:
@@ -91,6 +96,39 @@ def fmt_time(s: float) -> str:
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def report(result: dict, out: str, plots: bool = True) -> None:
+    """The table on the terminal, <out>.md, and <out>_<model>.png from a run's JSON."""
+    lines = table_lines(result["table"])
+    print("\nTest accuracy (%) / test loss at each method's chosen lr — a miniature of the paper's Table 2")
+    print("\n".join(lines))
+    st, d = result["settings"], result["data"]
+    seeds = st["seeds"]
+    md = [f"Command: `{result['command']}`", "",
+          f"Fashion-MNIST, {d['n_train']} train / {d['n_val']} validation / {d['n_test']} test images; "
+          f"{st['epochs']} epochs; batch sizes {st['batch_sizes']}; seeds {seeds}"
+          + (" (mean ± std over seeds)" if len(seeds) > 1 else "")
+          + f"; device {result['environment']['device']} ({result['environment']['threads']} threads); "
+          f"training time of all {len(result['runs'])} runs {fmt_time(sum(r['time_s'] for r in result['runs']))}.", ""]
+    md += table_lines(result["table"], markdown=True)
+    if len(seeds) > 1:
+        md += ["", "Test accuracy (%) of each seed at the chosen lr:", ""]
+        for r in result["table"]:
+            md.append(f"- {r['model']} B={r['batch_size']} {LABELS[r['optimizer']]}: "
+                      + ", ".join(f"{100 * a:.2f}" for a in r["test_acc"]))
+    md += ["", f"Learning-rate grids (validation accuracy, seed {st['grid_seed']}) and choices:", ""]
+    for s in result["selection"]:
+        va = ", ".join(f"{float(k):g}: {v:.4f}" for k, v in s["val_acc"].items())
+        md.append(f"- {s['model']} B={s['batch_size']} {LABELS[s['optimizer']]}: {va} -> **{s['chosen_lr']:g}**"
+                  + (" (at grid edge)" if s["at_grid_edge"] else "")
+                  + (f"; diverged: {s['diverged']}" if s["diverged"] else ""))
+    with open(out + ".md", "w") as f:
+        f.write("\n".join(md) + "\n")
+    if plots:
+        for path in plot_curves(result["runs"], result["table"], out):
+            print(f"plot: {path}")
+    print(f"results: {out}.json, {out}.md  (wall time {fmt_time(result.get('wall_time_s', 0))})")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
@@ -119,7 +157,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="output prefix (default benchmarks/results/train_full or train_quick)")
     p.add_argument("--resume", action="store_true", help="keep finished runs found in <out>.json")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: rebuild the table, <out>.md and the plots from <out>.json")
     args = p.parse_args(argv)
+    if args.report_only:
+        out = args.out or os.path.join(RESULTS, "train_quick" if args.quick else "train_full")
+        result = json.load(open(out + ".json"))
+        report(result, out, plots=not args.no_plots)
+        return 0
 
     preset = QUICK if args.quick else FULL
     models = (args.models or preset["models"]).split(",")
@@ -247,26 +292,8 @@ def main(argv=None) -> int:
                 write_json(out + ".json", result)
 
     result["wall_time_s"] = time.perf_counter() - t_start
-    lines = table_lines(result["table"])
-    print("\nTest accuracy (%) / test loss at each method's chosen lr — a miniature of the paper's Table 2")
-    print("\n".join(lines))
-    md = [f"Command: `{result['command']}`", "",
-          f"Fashion-MNIST, {data.info['n_train']} train / {data.info['n_val']} validation / {data.info['n_test']} test images; "
-          f"{epochs} epochs; batch sizes {bss}; seeds {seeds}; device {device}; wall time {fmt_time(result['wall_time_s'])}.", ""]
-    md += table_lines(result["table"], markdown=True)
-    md += ["", "Learning-rate grids (validation accuracy of the grid seed) and choices:", ""]
-    for s in result["selection"]:
-        va = ", ".join(f"{float(k):g}: {v:.4f}" for k, v in s["val_acc"].items())
-        md.append(f"- {s['model']} B={s['batch_size']} {LABELS[s['optimizer']]}: {va} -> **{s['chosen_lr']:g}**"
-                  + (" (at grid edge)" if s["at_grid_edge"] else "")
-                  + (f"; diverged: {s['diverged']}" if s["diverged"] else ""))
-    with open(out + ".md", "w") as f:
-        f.write("\n".join(md) + "\n")
     write_json(out + ".json", result)
-    if not args.no_plots:
-        for path in plot_curves(result["runs"], result["table"], out):
-            print(f"plot: {path}")
-    print(f"results: {out}.json, {out}.md  (wall time {fmt_time(result['wall_time_s'])})")
+    report(result, out, plots=not args.no_plots)
     return 0
 
 

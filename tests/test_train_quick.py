@@ -113,6 +113,10 @@ def test_cli_quick_tiny_writes_json_table_and_plot(fake_fmnist, tmp_path, capsys
             assert {"epoch", "lr", "train_loss", "test_acc", "test_loss"} <= set(c)
         assert 0 <= r["final"]["val_acc"] <= 1 and 0 <= r["final"]["test_acc"] <= 1
     assert os.path.exists(out + ".md") and os.path.exists(out + "_cnn.png")
+    os.remove(out + ".md")
+    assert _cli().main(["--report-only", "--out", out, "--no-plots"]) == 0
+    md = open(out + ".md").read()
+    assert "| MSGD |" in md and "| SNGM |" in md and "Command: `python benchmarks/train_large_batch.py --quick" in md
 
 
 def test_grid_selection_uses_validation(fake_fmnist, tmp_path):

@@ -15,7 +15,7 @@ from .lars import LARS
 from .models import build_model
 
 OPTIMIZERS = ("msgd", "lars", "sngm", "sngm_tensor", "sngd", "adam")
-LABELS = {"msgd": "MSGD", "lars": "LARS", "sngm": "SNGM", "sngm_tensor": "SNGM (block-wise)",
+LABELS = {"msgd": "MSGD", "lars": "LARS", "sngm": "SNGM", "sngm_tensor": "SNGM block-wise",
           "sngd": "SNGD", "adam": "Adam"}
 
 
