@@ -142,19 +142,31 @@ def _load_cpu() -> Dict[str, object]:
             notes.append(f"the prebuilt {os.path.basename(path)} does not load ({e})")
             continue
         return {"how": "prebuilt", "path": path, "capability": cap, "module": mod}
-    cap = caps[0]
-    mod = _jit_build(
-        part="cpu",
-        name=f"sngm_native_cpu_{cap}",
-        describe=f"the CPU kernels ({cap})",
-        csrc=csrc,
-        sources=nb.CPU_SOURCES,
-        notes=notes,
-        kwargs=dict(extra_cflags=nb.cpu_cflags(cap, want or "unknown"),
-                    extra_ldflags=nb.cpu_ldflags(), is_python_module=True),
-    )
-    return {"how": "built on first use", "path": getattr(mod, "__file__", None),
-            "capability": cap, "module": mod}
+    # the best capability; should its build fail (an old compiler, say), the portable one
+    tries = caps[:1] + (["default"] if caps[0] != "default" and not forced else [])
+    first_error = None
+    for cap in tries:
+        try:
+            mod = _jit_build(
+                part="cpu",
+                name=f"sngm_native_cpu_{cap}",
+                describe=f"the CPU kernels ({cap})",
+                csrc=csrc,
+                sources=nb.CPU_SOURCES,
+                notes=notes,
+                kwargs=dict(extra_cflags=nb.cpu_cflags(cap, want or "unknown"),
+                            extra_ldflags=nb.cpu_ldflags(), is_python_module=True),
+            )
+        except Exception as e:  # BackendUnavailable
+            if first_error is None:
+                first_error = e
+            if not getattr(e, "build_failed", False):  # no compiler, ninja or sources: no retry
+                raise
+            notes.append(f"the {cap} build failed")
+            continue
+        return {"how": "built on first use", "path": getattr(mod, "__file__", None),
+                "capability": cap, "module": mod}
+    raise first_error
 
 
 def _load_cuda() -> Dict[str, object]:
@@ -182,7 +194,7 @@ def _load_cuda() -> Dict[str, object]:
             "CUDA_HOME)" + "".join(f"; {n}" for n in notes)
         )
     flags = nb.cuda_cflags(want or "unknown")
-    lib = _jit_build(
+    _jit_build(
         part="cuda",
         name="sngm_native_cuda",
         describe="the CUDA kernels",
@@ -192,7 +204,8 @@ def _load_cuda() -> Dict[str, object]:
         kwargs=dict(extra_cflags=flags["cxx"], extra_cuda_cflags=flags["nvcc"],
                     is_python_module=False),
     )
-    return {"how": "built on first use", "path": lib}
+    path = os.path.join(nb.jit_build_root(), "sngm_native_cuda")
+    return {"how": "built on first use", "path": path}
 
 
 def _jit_build(*, part, name, describe, csrc, sources, notes, kwargs):
@@ -240,10 +253,12 @@ def _jit_build(*, part, name, describe, csrc, sources, notes, kwargs):
             **kwargs,
         )
     except Exception as e:
-        raise _unavailable(
+        err = _unavailable(
             f"building the native {part} extension failed ({_summary(e)}); build folder "
             f"{build_dir}, SNGM_VERBOSE_BUILD=1 shows the full log"
-        ) from e
+        )
+        err.build_failed = True
+        raise err from e
     if not cached:
         try:
             with open(stamp, "w") as f:
