@@ -87,7 +87,7 @@ def _shard_groups(p: Tensor) -> Tuple[object, ...]:
     mesh = p.device_mesh
     groups = []
     for dim, pl in enumerate(p.placements):
-        if pl.is_shard():
+        if pl.is_shard() or type(pl).__name__ == "_StridedShard":  # (FSDP2 over TP: strided)
             groups.append(mesh.get_group(dim))
         elif not pl.is_replicate():
             raise ValueError(
@@ -174,7 +174,7 @@ class DistPlan:
         if is_dtensor(prev):
             lt = local_tensor(prev)
             if lt is buf or (lt.data_ptr() == buf.data_ptr() and lt.shape == buf.shape
-                             and lt.stride() == buf.stride() and buf.numel()):
+                             and lt.stride() == buf.stride()):
                 return prev
         return _DTENSOR.from_local(
             buf, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
@@ -273,8 +273,7 @@ def plan_for(params: Sequence[Tensor], process_group=None) -> Optional[DistPlan]
             raise ValueError(
                 "SNGM needs every param on one process group (one global norm): param 0 is "
                 f"{_describe(key0)}, param {i} (shape {tuple(p.shape)}) is {_describe(key)}. "
-                "Shard them all the same way (one fully_shard mesh), or give each group its "
-                "own optimizer"
+                "Shard them all the same way (one fully_shard mesh)"
             )
     acc = accumulate_dtype([p.dtype for p in params])
     device = local_tensor(params[0]).device if params else _fallback_device(process_group)
