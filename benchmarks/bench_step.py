@@ -34,7 +34,7 @@ rounds as the set (so it sees the same machine state). Extra memory: bytes of th
 beyond the params and the grads the params point at (momentum, flat buckets, partial sums).
 
 Results: a table on stdout (progress on stderr), and under --out (benchmarks/results/ by default)
-step_<cpu|gpu>_<date>.json / .png / .md plus latest_<cpu|gpu>.json / .png / .md.
+step_<cpu|gpu>[_full][_t<threads>]_<date>.json / .png / .md plus latest_<cpu|gpu>.json / .png / .md.
 """
 
 from __future__ import annotations
@@ -539,7 +539,8 @@ def format_markdown(report: Dict[str, object], json_name: str) -> str:
     m = report["machine"]
     cuda = m["device"] == "cuda"
     out = [
-        f"**{m['device_name']}** ({m['device']}, {m['torch_threads']} torch threads), "
+        f"**{m['device_name']}** ({m['device']}, {m['torch_threads']} torch "
+        f"thread{'s' if m['torch_threads'] != 1 else ''}), "
         f"torch {m['torch']}, triton {m['triton']}, sngm_ext {m['sngm_ext']}, "
         f"commit `{(m['git_commit'] or '?')[:10]}`, {m['date']}; copy bandwidth up front "
         f"{report['copy']['gbps']:.1f} GB/s{_load(m)}. Data: [{json_name}]({json_name}).",
@@ -736,7 +737,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         os.makedirs(args.out, exist_ok=True)
         kind = "gpu" if gpu else "cpu"
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        base = os.path.join(args.out, f"step_{kind}_{stamp}")
+        tag = ("_full" if args.full else "") + (f"_t{args.threads}" if args.threads else "")
+        base = os.path.join(args.out, f"step_{kind}{tag}_{stamp}")
         with open(base + ".json", "w") as f:
             json.dump(report, f, indent=1)
         with open(base + ".md", "w") as f:
