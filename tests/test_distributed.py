@@ -141,3 +141,19 @@ def test_distributed(world, name, backend):
             pytest.fail(f"rank {rank} did not report {key} (an earlier scenario failed or the "
                         f"launch died); output:\n{output[-6000:]}")
         assert got == "ok", f"rank {rank}, {key}:\n{got}"
+
+
+def test_process_group_without_torch_distributed_says_so():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        pytest.skip("a default process group is initialized in this process")
+    from sngm_ext import SNGM
+
+    with pytest.raises(RuntimeError, match="initialized"):
+        SNGM([torch.nn.Parameter(torch.zeros(3))], lr=0.1, process_group=object())
+
+
+def test_single_process_optimizer_plans_no_collective():
+    from sngm_ext import SNGM
+
+    opt = SNGM([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
+    assert opt._dist_plan() is None  # plain tensors, no process_group: DDP and single process
