@@ -44,7 +44,7 @@ def _build_description():
 
 
 def native_extensions():
-    """(ext_modules, cmdclass) of the native extension; ([], {}) with a warning where none builds."""
+    """(ext_modules, cmdclass) of the native extension: ([], {}), with a warning, for none."""
     if _truthy("SNGM_SKIP_NATIVE_BUILD"):
         return [], {}
     try:
@@ -54,7 +54,7 @@ def native_extensions():
         _warn(f"torch is not importable here ({e}); the native extension builds on first use")
         return [], {}
     nb = _build_description()
-    src_hash = nb.source_hash(os.path.join(HERE, "csrc"))
+    csrc = os.path.join(HERE, "csrc")
 
     def rel(sources):
         return [os.path.join("csrc", s) for s in sources]
@@ -70,12 +70,13 @@ def native_extensions():
         except ValueError as e:
             _warn(f"{e}; building the native capability only")
             caps = nb.capabilities_to_build("native")
+        cpu_hash = nb.source_hash(csrc, "cpu")
         for cap in caps:
             exts.append(
                 cpp_extension.CppExtension(
                     f"sngm_ext._C_{cap}",
                     sources=rel(nb.CPU_SOURCES),
-                    extra_compile_args={"cxx": nb.cpu_cflags(cap, src_hash)},
+                    extra_compile_args={"cxx": nb.cpu_cflags(cap, cpu_hash)},
                     extra_link_args=nb.cpu_ldflags(),
                     optional=True,
                 )
@@ -87,7 +88,7 @@ def native_extensions():
             _warn("torch is a CUDA build but no CUDA toolkit (nvcc) was found (set CUDA_HOME): "
                   "the CUDA kernels are not built ahead of time")
         else:
-            flags = nb.cuda_cflags(src_hash)
+            flags = nb.cuda_cflags(nb.source_hash(csrc, "cuda"))
             exts.append(
                 cpp_extension.CUDAExtension(
                     "sngm_ext._C_cuda",

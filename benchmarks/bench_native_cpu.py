@@ -21,7 +21,7 @@ fused step >= 3); ``--json FILE`` writes everything.
 
 ``--device cuda`` (where there is a GPU) measures the GPU claim instead: backend="cuda" against
 SGD(fused=True) (<= 1.1x) and the share of copy bandwidth the step reaches (> 85%; the step moves
-24 B/param with weight decay 0: the sum of squares reads g, the update reads w, g, u and writes w, u).
+24 B/param with weight decay 0: the sum of squares reads g; the update reads w, g, u, writes w, u).
 """
 
 from __future__ import annotations
@@ -228,7 +228,8 @@ def main(argv=None):
     print(f"{'variant':<16} {'median ms':>10} {'p25':>8} {'p75':>8} {'min':>8} {'GB/s*':>7}")
     for k in med:
         gbs = n * 20 / (med[k] * 1e-3) / 1e9  # 20 B/param: read w, g, u; write w, u
-        print(f"{k:<16} {med[k]:>10.2f} {q[k][0]:>8.2f} {q[k][1]:>8.2f} {best[k]:>8.2f} {gbs:>7.1f}")
+        print(f"{k:<16} {med[k]:>10.2f} {q[k][0]:>8.2f} {q[k][1]:>8.2f} {best[k]:>8.2f} "
+              f"{gbs:>7.1f}")
     print("* 20 B/param over the median time: the bytes an SGD step must move")
     claim = "1.25" if DEVICE.type == "cpu" else "1.1"
     print(f"{fast} / best SGD ({best_sgd}) = {ratio_sgd:.2f}  (claim: <= {claim}); on the "

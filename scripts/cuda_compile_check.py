@@ -42,7 +42,8 @@ def find_tree(arg: str | None) -> str:
 
 def find_nvcc() -> str | None:
     cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
-    for cand in (os.environ.get("NVCC"), shutil.which("nvcc"), os.path.join(cuda_home, "bin", "nvcc")):
+    cands = (os.environ.get("NVCC"), shutil.which("nvcc"), os.path.join(cuda_home, "bin", "nvcc"))
+    for cand in cands:
         if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
             return cand
     return None
@@ -100,8 +101,9 @@ def ptxas_report(text: str) -> dict:
     return kernels
 
 
-_LOAD128 = re.compile(r"\bld\.global(?:\.nc)?(?:\.[a-z0-9_]+)*\.(?:v4\.(?:b|u|f|s)32|v2\.(?:b|u|f|s)64)\b")
-_STORE128 = re.compile(r"\bst\.global(?:\.[a-z0-9_]+)*\.(?:v4\.(?:b|u|f|s)32|v2\.(?:b|u|f|s)64)\b")
+_V128 = r"(?:v4\.(?:b|u|f|s)32|v2\.(?:b|u|f|s)64)"  # 4 x 32 or 2 x 64 bits
+_LOAD128 = re.compile(r"\bld\.global(?:\.nc)?(?:\.[a-z0-9_]+)*\." + _V128 + r"\b")
+_STORE128 = re.compile(r"\bst\.global(?:\.[a-z0-9_]+)*\." + _V128 + r"\b")
 
 
 def ptx_report(ptx: str) -> dict:
@@ -110,7 +112,8 @@ def ptx_report(ptx: str) -> dict:
     parts = re.split(r"^\.visible \.entry |^\.entry ", ptx, flags=re.M)
     for part in parts[1:]:
         name = part.split("(", 1)[0].strip()
-        out[name] = {"load128": len(_LOAD128.findall(part)), "store128": len(_STORE128.findall(part))}
+        out[name] = {"load128": len(_LOAD128.findall(part)),
+                     "store128": len(_STORE128.findall(part))}
     return out
 
 
@@ -149,8 +152,9 @@ def main(argv=None) -> int:
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
     cxx = os.environ.get("CXX", "c++")
     steps = {
-        "kernels_cxx17": [nvcc, "-std=c++17", "-O3", "-lineinfo", "-Xcompiler", "-fPIC", *torch_nvcc,
-                          *gencode, "-Xptxas", "-v", "-c", cu, "-o", os.path.join(out, "sngm_cuda.o")],
+        "kernels_cxx17": [nvcc, "-std=c++17", "-O3", "-lineinfo", "-Xcompiler", "-fPIC",
+                          *torch_nvcc, *gencode, "-Xptxas", "-v", "-c", cu, "-o",
+                          os.path.join(out, "sngm_cuda.o")],
         "ptx_sm90_cxx20": [nvcc, "-std=c++20", "-O3", *torch_nvcc, "-arch=sm_90", "-ptx", cu,
                            "-o", os.path.join(out, "sngm_cuda.sm_90.ptx")],
         "host_cxx20": [cxx, "-std=c++20", "-O2", "-fPIC", "-D_GLIBCXX_USE_CXX11_ABI=1",
@@ -207,7 +211,8 @@ def main(argv=None) -> int:
             if kind == "update_kernel":
                 n_update += 1
                 if not (v["load128"] and v["store128"]):
-                    report["failures"].append(f"update kernel without 128-bit loads/stores: {name} {v}")
+                    report["failures"].append(
+                        f"update kernel without 128-bit loads/stores: {name} {v}")
             elif kind == "sumsq_kernel" and not v["load128"]:
                 report["failures"].append(f"sumsq kernel without 128-bit loads: {name} {v}")
         if n_update == 0:
@@ -224,7 +229,8 @@ def main(argv=None) -> int:
     for fail in report["failures"]:
         print("FAIL: " + fail)
     if not report["failures"]:
-        print("cuda_compile_check: OK (no spills, 128-bit loads/stores, linked with --no-undefined)")
+        print("cuda_compile_check: OK (no spills, 128-bit loads/stores, linked with "
+              "--no-undefined)")
     return 1 if report["failures"] else 0
 
 

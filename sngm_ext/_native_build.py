@@ -9,7 +9,8 @@ Modules (each a separate shared library, so a failed CUDA build never costs the 
                         (any CPU), "avx2" or "avx512" (x86-64), with ATen's CPU_CAPABILITY macros
                         and -m flags; exactly one is loaded, the best this CPU supports
     sngm_ext._C_cuda    the CUDA kernels (cuda/sngm_cuda.cu, cuda/sngm_cuda_ops.cpp), loaded after
-                        a CPU module (which owns the schemas); no pybind11, no torch header in the .cu
+                        a CPU module (which owns the schemas); no pybind11, no torch header in
+                        the .cu
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def is_x86() -> bool:
 
 
 def csrc_dir() -> Optional[str]:
-    """The C++/CUDA sources: $SNGM_CSRC_DIR, the copy installed in the package, or the checkout's."""
+    """The C++/CUDA sources: $SNGM_CSRC_DIR, the package's installed copy, or the checkout's."""
     here = os.path.dirname(os.path.abspath(__file__))
     candidates = [os.environ.get("SNGM_CSRC_DIR", ""), os.path.join(here, "csrc"),
                   os.path.join(os.path.dirname(here), "csrc")]
@@ -48,13 +49,22 @@ def csrc_dir() -> Optional[str]:
     return None
 
 
-def source_hash(csrc: str) -> str:
-    """16 hex digits over every source file and this build description: a stale build differs."""
+_PART_DIRS = {"cpu": ("", "bindings", "cpu"), "cuda": ("", "cuda")}
+
+
+def source_hash(csrc: str, part: str) -> str:
+    """16 hex digits over the sources of one part ("cpu" or "cuda": the top-level headers and its
+    folders) and this build description: a module built from other sources has another one."""
     h = hashlib.sha256()
-    files = []
-    for root, _, names in os.walk(csrc):
-        files += [os.path.join(root, n) for n in names if n.endswith(_SOURCE_SUFFIXES)]
-    named = sorted((os.path.relpath(f, csrc).replace(os.sep, "/"), f) for f in files)
+    named = []
+    for sub in _PART_DIRS[part]:
+        folder = os.path.join(csrc, sub)
+        if not os.path.isdir(folder):
+            continue
+        for n in sorted(os.listdir(folder)):
+            f = os.path.join(folder, n)
+            if os.path.isfile(f) and n.endswith(_SOURCE_SUFFIXES):
+                named.append((f"{sub}/{n}" if sub else n, f))
     named.append(("<build>/_native_build.py", os.path.abspath(__file__)))
     for name, f in named:
         h.update(name.encode() + b"\0")
@@ -100,7 +110,7 @@ def cpu_cflags(cap: str, src_hash: str) -> List[str]:
     flags = ["-O3", "-ffp-contract=off", f"-DSNGM_SOURCE_HASH=h{src_hash}"]
     flags += [f"-DCPU_CAPABILITY={cap.upper()}", f"-DCPU_CAPABILITY_{cap.upper()}"]
     flags += CPU_CAPABILITY_FLAGS[cap]
-    if _openmp():  # at::parallel_for is an inline `#pragma omp parallel` in an OpenMP build of torch
+    if _openmp():  # at::parallel_for is an inline `#pragma omp parallel` in an OpenMP torch
         flags.append("-fopenmp")
     return flags
 

@@ -100,7 +100,8 @@ _MARKER = re.compile(rb"sngm-source-hash:h([0-9a-f]{16})")
 
 
 def _stale(path: str, want: Optional[str]) -> Optional[str]:
-    """Why the prebuilt module at ``path`` does not match the sources (None: it does, or unknown)."""
+    """Why the prebuilt module at ``path`` does not match the sources (None: it does, or unknown).
+    """
     if want is None:  # an installed package without sources: trust what was installed
         return None
     with open(path, "rb") as f:
@@ -116,7 +117,7 @@ def _say(msg: str) -> None:
 
 def _load_cpu() -> Dict[str, object]:
     csrc = nb.csrc_dir()
-    want = nb.source_hash(csrc) if csrc else None
+    want = nb.source_hash(csrc, "cpu") if csrc else None
     caps = nb.usable_cpu_capabilities()
     forced = os.environ.get("SNGM_CPU_CAPABILITY", "").strip().lower()
     if forced:
@@ -173,7 +174,7 @@ def _load_cuda() -> Dict[str, object]:
     if torch.version.cuda is None:
         raise _unavailable(f"this torch ({torch.__version__}) is not a CUDA build")
     csrc = nb.csrc_dir()
-    want = nb.source_hash(csrc) if csrc else None
+    want = nb.source_hash(csrc, "cuda") if csrc else None
     notes: List[str] = []
     path = _prebuilt_path("_C_cuda")
     if path is not None:
@@ -209,10 +210,12 @@ def _load_cuda() -> Dict[str, object]:
 
 
 def _jit_build(*, part, name, describe, csrc, sources, notes, kwargs):
-    """``cpp_extension.load`` of ``sources`` (relative to csrc/), or BackendUnavailable saying why."""
+    """``cpp_extension.load`` of ``sources`` (relative to csrc/); BackendUnavailable saying why."""
     pre = "".join(f"; {n}" for n in notes)
     if _truthy("SNGM_NO_JIT"):
-        raise _unavailable(f"no usable prebuilt native {part} extension and SNGM_NO_JIT is set{pre}")
+        raise _unavailable(
+            f"no usable prebuilt native {part} extension and SNGM_NO_JIT is set{pre}"
+        )
     if csrc is None:
         raise _unavailable(
             f"no usable prebuilt native {part} extension, and no csrc/ sources to build one{pre}"
@@ -233,7 +236,7 @@ def _jit_build(*, part, name, describe, csrc, sources, notes, kwargs):
     os.makedirs(build_dir, exist_ok=True)
     # cpp_extension rebuilds by itself when sources or flags change; we only tell when it will
     stamp = os.path.join(build_dir, "sngm_source_hash")
-    want = nb.source_hash(csrc)
+    want = nb.source_hash(csrc, part)
     try:
         with open(stamp) as f:
             cached = f.read().strip() == want

@@ -1,5 +1,5 @@
 """The CUDA sources compile for sm_80/sm_90, without spills, with 128-bit accesses, and link against
-torch 2.14.1 (CUDA 13) and nvcc 13: checked on machines without a GPU (scripts/cuda_compile_check.py).
+torch 2.14.1 (CUDA 13) and nvcc 13: checked without a GPU (scripts/cuda_compile_check.py).
 
 Needs nvcc and an unpacked CUDA torch (``pip install --no-deps --target
 ~/.cache/sngm_ext/torch-2.14.1-cuda torch==2.14.1``, or $SNGM_TORCH_CUDA_TREE): skipped without

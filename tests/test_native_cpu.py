@@ -2,9 +2,9 @@
 
 The kernels compute every element with the reference's operations in the reference's order, each
 rounded once (-ffp-contract=off); only the sum of squares is added in another order. So fp32 stays
-within ~1e-6 relative of the reference, fp64 within 1e-12, and bf16/fp16 within one unit in the last
-place (plus fp32-level error at the tensor's scale where a result cancels towards zero). A per-tensor
-norm in global mode misses these bounds by orders of magnitude (checked below).
+within ~1e-6 relative of the reference, fp64 within 1e-12, and bf16/fp16 within one unit in the
+last place (plus fp32-level error at the tensor's scale where a result cancels towards zero). A
+per-tensor norm in global mode misses these bounds by orders of magnitude (checked below).
 """
 
 import math
@@ -120,7 +120,8 @@ def run(backend, dtype, config, steps=4, norm=None, seed=0, grad_scale=1.0, thre
         device="cpu"):
     cfg = CONFIGS[config]
     params = make_params(dtype, seed, device)
-    groups = [dict(params=ps, **h) for ps, h in zip(split(params, len(cfg["groups"])), cfg["groups"])]
+    hypers = cfg["groups"]
+    groups = [dict(params=ps, **h) for ps, h in zip(split(params, len(hypers)), hypers)]
     opt = SNGM(groups, lr=0.1, backend=backend, norm=norm or cfg["norm"])
     old = torch.get_num_threads()
     if threads:

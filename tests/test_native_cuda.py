@@ -11,7 +11,8 @@ import torch
 
 import sngm_ext
 from sngm_ext import SNGM, BackendUnavailable
-from test_native_cpu import CONFIGS, DTYPES, SHAPES, assert_native_close, grads_for, make_params, run
+from test_native_cpu import (CONFIGS, DTYPES, SHAPES, assert_native_close, grads_for, make_params,
+                             run)
 
 pytestmark = [
     pytest.mark.gpu,

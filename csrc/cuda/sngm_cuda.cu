@@ -4,7 +4,10 @@
 //   finalize one block: each segment's partials summed in fp64 in a fixed order, the total last
 //   update   one block per chunk: normalize, momentum, param in one read-modify-write with 128-bit
 //            loads and stores; it reads the sums of squares from device memory and returns at once
-//            when the global one is not finite (a skipped step writes nothing)
+//            when the global one is not finite (a skipped step writes nothing). It walks the chunks
+//            in reverse (block b takes chunk n-1-b): the grads sumsq read last may still be in L2
+//            (up to 50 MB on an H100, against 102 MB of fp32 grads for ResNet-50). Not measured
+//            yet: no GPU was at hand when this was written.
 // Offsets are int64 throughout. No torch header here: sngm_cuda_ops.cpp owns the tensors.
 #include <cub/block/block_reduce.cuh>
 #include <cuda_bf16.h>
@@ -92,11 +95,10 @@ __device__ __forceinline__ void store_pack(S* p, const Pack<S>& v) {
   *reinterpret_cast<uint4*>(p) = raw;
 }
 
-// This block's chunk, or false when the row does not fit the bucket.
+// Chunk c's row, or false when it does not fit the bucket.
 __device__ __forceinline__ bool chunk_row(const int64_t* __restrict__ chunks, int64_t n_chunks,
-                                          int64_t numel, int64_t& start, int64_t& len,
+                                          int64_t c, int64_t numel, int64_t& start, int64_t& len,
                                           int64_t& seg) {
-  const int64_t c = blockIdx.x;
   start = chunks[c];
   len = chunks[n_chunks + c];
   seg = chunks[2 * n_chunks + c];
@@ -115,7 +117,7 @@ __global__ void __launch_bounds__(kThreads)
   using C = typename T::C;
   constexpr int N = Pack<S>::N;
   int64_t start, len, seg;
-  if (!chunk_row(chunks, n_chunks, numel, start, len, seg)) {
+  if (!chunk_row(chunks, n_chunks, blockIdx.x, numel, start, len, seg)) {
     len = 0;
   }
   C acc = C(0);
@@ -220,7 +222,8 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
   int64_t start, len, seg;
-  if (!chunk_row(chunks, n_chunks, numel, start, len, seg) || seg < 0 || seg >= n_sumsq) {
+  const int64_t c = n_chunks - 1 - static_cast<int64_t>(blockIdx.x);  // in reverse: see the top
+  if (!chunk_row(chunks, n_chunks, c, numel, start, len, seg) || seg < 0 || seg >= n_sumsq) {
     return;
   }
   const C inv = sumsq_f64 ? sngm::inverse_norm<C>(sd[seg]) : sngm::inverse_norm<C>(sf[seg]);
