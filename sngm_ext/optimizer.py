@@ -224,17 +224,23 @@ class SNGM(Optimizer):
                                     skipped_steps=self._skipped, buckets=self._buckets,
                                     reduce_sumsq=self._reducer(dist_plan, run, self._buckets))
         state = self.state
-        for grp, rgrp in zip(groups, run):
-            for p, g, buf in zip(grp.params, rgrp.grads, rgrp.momentum_buffers):
+        for grp, rgrp, (old_grads, old_bufs) in zip(groups, run, before):
+            for p, g, buf, old_g, old_buf in zip(grp.params, rgrp.grads, rgrp.momentum_buffers,
+                                                 old_grads, old_bufs):
                 if g is None:
                     continue
-                st = state[p]
                 if dtensor:  # grads stay FSDP's; momentum is a DTensor laid out like the param
+                    st = state[p]
                     buf = dist_plan.wrap_state(p, buf, st.get("momentum_buffer"))
-                elif p.grad is not g and owns_storage(p.grad):  # the grad now lives in the bucket
+                    if st.get("momentum_buffer", 0) is not buf:
+                        st["momentum_buffer"] = buf
+                    continue
+                # Identity compares against what _collect read: in a steady loop nothing below
+                # runs, and no tensor is hashed (Tensor.__hash__ is Python code).
+                if g is not old_g and owns_storage(old_g):  # the grad now lives in the bucket
                     p.grad = g  # (one that is a view of someone's buffer, DDP's, stays theirs)
-                if st.get("momentum_buffer", 0) is not buf:
-                    st["momentum_buffer"] = buf
+                if buf is not old_buf or (buf is None and p not in state):
+                    state[p]["momentum_buffer"] = buf
         self.grad_norm = grad_norm
         return loss
 
