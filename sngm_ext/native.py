@@ -6,7 +6,7 @@ Nothing happens at import; the first call per process does, in this order:
 
 1. A module built ahead of time by ``pip install`` (setup.py): ``sngm_ext._C_<cap>`` for the best
    CPU capability this machine supports that was built (see ``_native_build.py``), then for CUDA
-   ``sngm_ext._C_cuda``. In a source checkout, a module older than ``csrc/`` is skipped.
+   ``sngm_ext._C_cuda``. In a source checkout, one built from other sources than csrc/ is skipped.
 2. Otherwise a build now, with ``torch.utils.cpp_extension.load`` and ninja, into a cache folder
    (``$SNGM_EXTENSIONS_DIR``, ``$TORCH_EXTENSIONS_DIR/sngm_ext`` or ``~/.cache/sngm_ext``); it
    says so on stderr. ``SNGM_NO_JIT=1`` turns this off. A failure is remembered for the process.
