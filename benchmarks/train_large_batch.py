@@ -151,7 +151,10 @@ def main(argv=None) -> int:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch.set_num_threads on CPU (default 1: on 2 cores shared with other busy "
+                        "processes, 2 threads ran runs up to 10x slower; on an idle 2-core machine 2 "
+                        "threads are ~1.4x faster)")
     p.add_argument("--backend", default="auto", help="SNGM backend (auto picks the fastest available)")
     p.add_argument("--data-dir", help="Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist)")
     p.add_argument("--out", help="output prefix (default benchmarks/results/train_full or train_quick)")
