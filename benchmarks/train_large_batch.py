@@ -115,7 +115,10 @@ def report(result: dict, out: str, plots: bool = True) -> None:
         for r in result["table"]:
             md.append(f"- {r['model']} B={r['batch_size']} {LABELS[r['optimizer']]}: "
                       + ", ".join(f"{100 * a:.2f}" for a in r["test_acc"]))
-    md += ["", f"Learning-rate grids (validation accuracy, seed {st['grid_seed']}) and choices:", ""]
+    if st["mode"] == "quick":
+        md += ["", f"Learning rates, fixed from the full run (validation accuracy here, seed {st['grid_seed']}):", ""]
+    else:
+        md += ["", f"Learning-rate grids (validation accuracy, seed {st['grid_seed']}) and choices:", ""]
     for s in result["selection"]:
         va = ", ".join(f"{float(k):g}: {v:.4f}" for k, v in s["val_acc"].items())
         md.append(f"- {s['model']} B={s['batch_size']} {LABELS[s['optimizer']]}: {va} -> **{s['chosen_lr']:g}**"

@@ -138,6 +138,9 @@ def plot_curves(runs: List[dict], rows: List[dict], path_prefix: str) -> List[st
                 axes[i][j].set_xlabel("epoch")
                 axes[i][j].grid(alpha=0.3)
                 axes[i][j].legend(fontsize=8)
+        nseeds = max(len(r["seeds"]) for r in mr)
+        fig.suptitle(f"Fashion-MNIST, {model}: each optimizer at its chosen lr"
+                     + (f", mean of {nseeds} seeds" if nseeds > 1 else ""))
         fig.tight_layout()
         path = f"{path_prefix}_{model}.png"
         fig.savefig(path, dpi=110)
