@@ -7,6 +7,19 @@
 
 #include <cstdint>
 
+// The sources' hash, compiled into each module as a marker that sngm_ext/native.py finds in the
+// file's bytes: a prebuilt module older than csrc/ is skipped.
+#ifndef SNGM_SOURCE_HASH
+#define SNGM_SOURCE_HASH unknown
+#endif
+#define SNGM_STR2(x) #x
+#define SNGM_STR(x) SNGM_STR2(x)
+#if defined(__GNUC__)
+#define SNGM_USED __attribute__((used))
+#else
+#define SNGM_USED
+#endif
+
 namespace sngm {
 
 inline bool is_param_dtype(c10::ScalarType t) {
@@ -54,6 +67,21 @@ inline void check_bucket(const char* op, c10::DeviceType device, const at::Tenso
               chunks.scalar_type(), " ", chunks.sizes());
   TORCH_CHECK(chunks.is_contiguous() && chunks.device() == param.device(), "sngm_native::", op,
               ": chunks must be contiguous and on the param's device");
+}
+
+// finalize's tensors, all but their device (each backend checks its own).
+inline void check_finalize(const at::Tensor& partials, const at::Tensor& seg_ptr,
+                           const at::Tensor& sumsq) {
+  check_acc_dtype(partials, "finalize", "partials");
+  check_acc_dtype(sumsq, "finalize", "sumsq");
+  TORCH_CHECK(partials.is_contiguous() && sumsq.is_contiguous() && seg_ptr.is_contiguous(),
+              "sngm_native::finalize: tensors must be contiguous");
+  TORCH_CHECK(seg_ptr.scalar_type() == c10::kLong && seg_ptr.dim() == 1 && seg_ptr.numel() >= 1,
+              "sngm_native::finalize: seg_ptr must be a 1-D int64 tensor [n_segments + 1]");
+  TORCH_CHECK(sumsq.numel() >= 1, "sngm_native::finalize: sumsq is empty");
+  const int64_t n_seg = seg_ptr.numel() - 1;
+  TORCH_CHECK(sumsq.numel() == 1 || sumsq.numel() >= 1 + n_seg, "sngm_native::finalize: sumsq has ",
+              sumsq.numel(), " entries, fewer than 1 + ", n_seg, " segments");
 }
 
 }  // namespace sngm

@@ -6,19 +6,9 @@
 #include <torch/library.h>
 
 #include "../cpu/sngm_cpu.h"
+#include "../sngm_common.h"
 
-#ifndef SNGM_SOURCE_HASH
-#define SNGM_SOURCE_HASH unknown
-#endif
-#define SNGM_STR2(x) #x
-#define SNGM_STR(x) SNGM_STR2(x)
-#if defined(__GNUC__)
-#define SNGM_USED __attribute__((used))
-#else
-#define SNGM_USED
-#endif
 
-// Found by sngm_ext/native.py in the file's bytes: a prebuilt module older than csrc/ is skipped.
 extern "C" SNGM_USED const char sngm_cpu_source_marker[] =
     "sngm-source-hash:" SNGM_STR(SNGM_SOURCE_HASH);
 

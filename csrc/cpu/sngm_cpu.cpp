@@ -96,19 +96,11 @@ double sum_range(const P* p, int64_t lo, int64_t hi) {
 }  // namespace
 
 void finalize(const at::Tensor& partials, const at::Tensor& seg_ptr, const at::Tensor& sumsq) {
-  check_acc_dtype(partials, "finalize", "partials");
-  check_acc_dtype(sumsq, "finalize", "sumsq");
   TORCH_CHECK(partials.device().is_cpu() && seg_ptr.device().is_cpu() && sumsq.device().is_cpu(),
               "sngm_native::finalize: expected CPU tensors");
-  TORCH_CHECK(partials.is_contiguous() && sumsq.is_contiguous() && seg_ptr.is_contiguous(),
-              "sngm_native::finalize: tensors must be contiguous");
-  TORCH_CHECK(seg_ptr.scalar_type() == c10::kLong && seg_ptr.dim() == 1 && seg_ptr.numel() >= 1,
-              "sngm_native::finalize: seg_ptr must be a 1-D int64 tensor [n_segments + 1]");
-  TORCH_CHECK(sumsq.numel() >= 1, "sngm_native::finalize: sumsq is empty");
+  check_finalize(partials, seg_ptr, sumsq);
   const int64_t n_seg = seg_ptr.numel() - 1;
   const bool per_segment = sumsq.numel() > 1;
-  TORCH_CHECK(!per_segment || sumsq.numel() >= 1 + n_seg, "sngm_native::finalize: sumsq has ",
-              sumsq.numel(), " entries, fewer than 1 + ", n_seg, " segments");
   const int64_t* sp = seg_ptr.const_data_ptr<int64_t>();
   for (int64_t s = 0; s < n_seg; ++s) {
     TORCH_CHECK(sp[s] >= 0 && sp[s] <= sp[s + 1] && sp[s + 1] <= partials.numel(),

@@ -13,18 +13,7 @@
 #include "../sngm_common.h"
 #include "sngm_cuda.h"
 
-#ifndef SNGM_SOURCE_HASH
-#define SNGM_SOURCE_HASH unknown
-#endif
-#define SNGM_STR2(x) #x
-#define SNGM_STR(x) SNGM_STR2(x)
-#if defined(__GNUC__)
-#define SNGM_USED __attribute__((used))
-#else
-#define SNGM_USED
-#endif
 
-// Found by sngm_ext/native.py in the file's bytes: a prebuilt module older than csrc/ is skipped.
 extern "C" SNGM_USED const char sngm_cuda_source_marker[] =
     "sngm-source-hash:" SNGM_STR(SNGM_SOURCE_HASH);
 
@@ -93,20 +82,12 @@ void sumsq_cuda(const at::Tensor& param, const at::Tensor& grad, const at::Tenso
 }
 
 void finalize_cuda(const at::Tensor& partials, const at::Tensor& seg_ptr, const at::Tensor& sumsq) {
-  check_acc_dtype(partials, "finalize", "partials");
-  check_acc_dtype(sumsq, "finalize", "sumsq");
   TORCH_CHECK(partials.is_cuda() && seg_ptr.device() == partials.device() &&
                   sumsq.device() == partials.device(),
               "sngm_native::finalize: expected partials, seg_ptr and sumsq on one CUDA device");
-  TORCH_CHECK(partials.is_contiguous() && sumsq.is_contiguous() && seg_ptr.is_contiguous(),
-              "sngm_native::finalize: tensors must be contiguous");
-  TORCH_CHECK(seg_ptr.scalar_type() == c10::kLong && seg_ptr.dim() == 1 && seg_ptr.numel() >= 1,
-              "sngm_native::finalize: seg_ptr must be a 1-D int64 tensor [n_segments + 1]");
-  TORCH_CHECK(sumsq.numel() >= 1, "sngm_native::finalize: sumsq is empty");
+  check_finalize(partials, seg_ptr, sumsq);
   const int64_t n_seg = seg_ptr.numel() - 1;
   const bool per_segment = sumsq.numel() > 1;
-  TORCH_CHECK(!per_segment || sumsq.numel() >= 1 + n_seg, "sngm_native::finalize: sumsq has ",
-              sumsq.numel(), " entries, fewer than 1 + ", n_seg, " segments");
   c10::cuda::CUDAGuard guard(partials.device());
   C10_CUDA_CHECK(cuda::launch_finalize(
       partials.const_data_ptr(), partials.scalar_type() == c10::kDouble,
