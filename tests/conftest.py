@@ -39,12 +39,10 @@ def backend(request):
     return name
 
 
-@pytest.fixture(params=["reference", "triton", "cpu"])
+@pytest.fixture(params=["triton", "cpu"])
 def fused_backend(request):
     """Only the fused (bucketed) backends."""
     name = request.param
-    if name == "reference":
-        pytest.skip("not a fused backend")
     if not _available(name):
         if _must_have(name):
             pytest.fail(f"backend {name!r} must be available in CI")
