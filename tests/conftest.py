@@ -25,29 +25,24 @@ CPU_BACKENDS = ["reference", "triton", "cpu"]
 _HAS_NATIVE_LAYER = importlib.util.find_spec("sngm_ext.native") is not None
 
 
-def _must_have(name):
-    return bool(os.environ.get("CI")) and name == "cpu" and _HAS_NATIVE_LAYER
+def _usable(name):
+    """The backend's name, or skip (fail in CI where it must exist)."""
+    if not _available(name):
+        if os.environ.get("CI") and name == "cpu" and _HAS_NATIVE_LAYER:
+            pytest.fail(f"backend {name!r} must be available in CI")
+        pytest.skip(f"backend {name!r} is not available here")
+    return name
 
 
 @pytest.fixture(params=CPU_BACKENDS)
 def backend(request):
-    name = request.param
-    if not _available(name):
-        if _must_have(name):
-            pytest.fail(f"backend {name!r} must be available in CI")
-        pytest.skip(f"backend {name!r} is not available here")
-    return name
+    return _usable(request.param)
 
 
 @pytest.fixture(params=["triton", "cpu"])
 def fused_backend(request):
     """Only the fused (bucketed) backends."""
-    name = request.param
-    if not _available(name):
-        if _must_have(name):
-            pytest.fail(f"backend {name!r} must be available in CI")
-        pytest.skip(f"backend {name!r} is not available here")
-    return name
+    return _usable(request.param)
 
 
 def pytest_configure(config):
