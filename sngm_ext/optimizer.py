@@ -107,10 +107,14 @@ class SNGM(Optimizer):
             self.param_groups.pop()
             raise
 
-    def _dist_plan(self):
+    def _params_signature(self):
+        return BucketSet.signature_of([g["params"] for g in self.param_groups])
+
+    def _dist_plan(self, signature=None):
         """What the step reduces across ranks (distributed.py); None for plain tensors and no
-        ``process_group`` (single process, DDP), where nothing is."""
-        key = (id(self.process_group), tuple(id(p) for g in self.param_groups for p in g["params"]))
+        ``process_group`` (single process, DDP), where nothing is. ``signature``: the params'
+        (``_params_signature()``), when the caller has it already."""
+        key = (id(self.process_group), signature or self._params_signature())
         if key != self._dist_key:
             from .distributed import plan_for
 
@@ -193,7 +197,8 @@ class SNGM(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         groups = self._collect()
-        dist_plan = self._dist_plan()
+        signature = self._params_signature()  # one walk over the params serves both checks
+        dist_plan = self._dist_plan(signature)
         # DTensor params (FSDP2) are stepped through their local shards
         dtensor = dist_plan is not None and dist_plan.dtensor
         run = dist_plan.localize(groups) if dtensor else groups
@@ -209,7 +214,9 @@ class SNGM(Optimizer):
         if name != "reference":
             # Local shards of DTensor params are never re-pointed (FSDP2 owns their storage).
             all_params = self._bucket_params(dist_plan)
-            if self._buckets is None or self._buckets.signature != BucketSet.signature_of(all_params):
+            if dtensor:  # buckets hold the local shards: their identities are what must match
+                signature = BucketSet.signature_of(all_params)
+            if self._buckets is None or self._buckets.signature != signature:
                 self._buckets = self._rebuild(all_params, adopt=not dtensor)
             buckets = self._buckets
         try:
