@@ -344,3 +344,24 @@ def test_ops_handle_tables_not_from_buckets(ops, dtype):
     for s, L, _ in rows:
         untouched[s:s + L] = False
     assert torch.equal(w[untouched], w0[untouched]) and torch.equal(u[untouched], u0[untouched])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_a_chunks_partial_does_not_depend_on_its_neighbours(ops, dtype, wd):
+    """The kernel sums runs of equal-length chunks four at a time (four read streams); a chunk's
+    partial must be the same bits whether it was summed in such a group, alone, or as a tail."""
+    bs, b = _bucket(dtype, sizes=(4096 * 9 + 48, 4096, 33))
+    plan = bs.plan([(True, True, True)], per_tensor=False)
+    table = plan.chunks[0]
+    n = table.shape[1]
+    together = torch.empty(n, dtype=plan.acc_dtype)
+    ops.sumsq(b.param, b.grad, table, wd, False, together, 0)
+    alone = torch.empty(n, dtype=plan.acc_dtype)
+    for c in range(n):  # every row in a table of its own
+        ops.sumsq(b.param, b.grad, table[:, c:c + 1].contiguous(), wd, False, alone, c)
+    shuffled = torch.empty(n, dtype=plan.acc_dtype)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    ops.sumsq(b.param, b.grad, table[:, order].contiguous(), wd, False, shuffled, 0)
+    assert torch.equal(together, alone)
+    assert torch.equal(together[order], shuffled)

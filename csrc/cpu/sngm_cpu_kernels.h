@@ -52,46 +52,55 @@ inline auto horizontal_sum(const V& v) {
   return s;
 }
 
-// Phase 1 on one chunk: sum of d^2 in the compute type, d = sign * g + wd * w.
-template <typename scalar_t, bool HAS_WD>
-compute_t<scalar_t> chunk_sumsq(const scalar_t* w, const scalar_t* g, int64_t len,
-                                compute_t<scalar_t> sign, compute_t<scalar_t> wd) {
+// Phase 1 on K chunks of the same length, in lock step: out[k] = sum of d^2 over chunk k in the
+// compute type, d = sign * g + wd * w. One chunk's loop is a single sequential read stream, which a
+// core cannot keep busy enough to fill its memory bandwidth (the hardware prefetcher stops at 4 KiB
+// page edges); K streams keep K times the cache-line fills in flight. Each chunk has its own
+// accumulators and the same order of additions for every K, so a partial sum is the same bits
+// whichever K computed it.
+template <typename scalar_t, bool HAS_WD, int K>
+void chunks_sumsq(const scalar_t* const* w, const scalar_t* const* g, int64_t len,
+                  compute_t<scalar_t> sign, compute_t<scalar_t> wd, compute_t<scalar_t>* out) {
   using C = compute_t<scalar_t>;
   using Vec = Vectorized<C>;
   constexpr int64_t W = Vec::size();
   const Vec vsign(sign), vwd(wd);
-  Vec acc0(C(0)), acc1(C(0));
+  std::array<Vec, K> acc0, acc1;
+  acc0.fill(Vec(C(0)));
+  acc1.fill(Vec(C(0)));
   int64_t i = 0;
-  if constexpr (!is_reduced<scalar_t>) {
-    for (; i + 2 * W <= len; i += 2 * W) {
-      Vec d0 = sngm::direction<HAS_WD>(Vec::loadu(g + i), HAS_WD ? Vec::loadu(w + i) : Vec(C(0)),
-                                       vsign, vwd);
-      Vec d1 = sngm::direction<HAS_WD>(Vec::loadu(g + i + W),
-                                       HAS_WD ? Vec::loadu(w + i + W) : Vec(C(0)), vsign, vwd);
-      acc0 = acc0 + d0 * d0;
-      acc1 = acc1 + d1 * d1;
-    }
-  } else {
-    using RVec = Vectorized<scalar_t>;  // 2 * W elements
-    for (; i + 2 * W <= len; i += 2 * W) {
-      auto [g0, g1] = at::vec::convert_to_float<scalar_t>(RVec::loadu(g + i));
-      Vec w0(C(0)), w1(C(0));
-      if constexpr (HAS_WD) {
-        std::tie(w0, w1) = at::vec::convert_to_float<scalar_t>(RVec::loadu(w + i));
+  for (; i + 2 * W <= len; i += 2 * W) {
+    for (int k = 0; k < K; ++k) {
+      Vec g0, g1, w0(C(0)), w1(C(0));
+      if constexpr (!is_reduced<scalar_t>) {
+        g0 = Vec::loadu(g[k] + i);
+        g1 = Vec::loadu(g[k] + i + W);
+        if constexpr (HAS_WD) {
+          w0 = Vec::loadu(w[k] + i);
+          w1 = Vec::loadu(w[k] + i + W);
+        }
+      } else {
+        using RVec = Vectorized<scalar_t>;  // 2 * W elements
+        std::tie(g0, g1) = at::vec::convert_to_float<scalar_t>(RVec::loadu(g[k] + i));
+        if constexpr (HAS_WD) {
+          std::tie(w0, w1) = at::vec::convert_to_float<scalar_t>(RVec::loadu(w[k] + i));
+        }
       }
       Vec d0 = sngm::direction<HAS_WD>(g0, w0, vsign, vwd);
       Vec d1 = sngm::direction<HAS_WD>(g1, w1, vsign, vwd);
-      acc0 = acc0 + d0 * d0;
-      acc1 = acc1 + d1 * d1;
+      acc0[k] = acc0[k] + d0 * d0;
+      acc1[k] = acc1[k] + d1 * d1;
     }
   }
-  C s = horizontal_sum(acc0 + acc1);
-  for (; i < len; ++i) {  // lengths are multiples of 16: only reached by tables not from buckets.py
-    C d = sngm::direction<HAS_WD>(static_cast<C>(g[i]), HAS_WD ? static_cast<C>(w[i]) : C(0),
-                                  sign, wd);
-    s += d * d;
+  for (int k = 0; k < K; ++k) {
+    C s = horizontal_sum(acc0[k] + acc1[k]);
+    for (int64_t j = i; j < len; ++j) {  // lengths are multiples of 16: only tables not from buckets.py
+      C d = sngm::direction<HAS_WD>(static_cast<C>(g[k][j]),
+                                    HAS_WD ? static_cast<C>(w[k][j]) : C(0), sign, wd);
+      s += d * d;
+    }
+    out[k] = s;
   }
-  return s;
 }
 
 // Phase 2 on one chunk.
@@ -154,13 +163,29 @@ void sumsq_kernel(const at::Tensor& param, const at::Tensor& grad, const int64_t
   const C wd = static_cast<C>(weight_decay);
   bool_dispatch(weight_decay != 0.0, [&](auto has_wd) {
     at::parallel_for(0, n_chunks, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        const int64_t start = chunks[c], len = chunks[n_chunks + c];
-        C s = chunk_sumsq<scalar_t, decltype(has_wd)::value>(w + start, g + start, len, sign, wd);
-        if (f64) {
-          static_cast<double*>(out)[partial_offset + c] = static_cast<double>(s);
+      constexpr bool HAS_WD = decltype(has_wd)::value;
+      constexpr int K = 4;
+      std::array<const scalar_t*, K> wk, gk;
+      std::array<C, K> s;
+      for (int64_t c = begin; c < end;) {
+        const int64_t len = chunks[n_chunks + c];
+        int k = 0;  // how many chunks from c share c's length (full-size chunks mostly)
+        for (; k < K && c + k < end && chunks[n_chunks + c + k] == len; ++k) {
+          wk[k] = w + chunks[c + k];
+          gk[k] = g + chunks[c + k];
+        }
+        if (k == K) {
+          chunks_sumsq<scalar_t, HAS_WD, K>(wk.data(), gk.data(), len, sign, wd, s.data());
         } else {
-          static_cast<float*>(out)[partial_offset + c] = static_cast<float>(s);
+          k = 1;
+          chunks_sumsq<scalar_t, HAS_WD, 1>(wk.data(), gk.data(), len, sign, wd, s.data());
+        }
+        for (int j = 0; j < k; ++j, ++c) {
+          if (f64) {
+            static_cast<double*>(out)[partial_offset + c] = static_cast<double>(s[j]);
+          } else {
+            static_cast<float*>(out)[partial_offset + c] = static_cast<float>(s[j]);
+          }
         }
       }
     });
