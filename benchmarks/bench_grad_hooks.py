@@ -1,78 +1,155 @@
 """What SNGM's backward hooks cost and save in a whole training step (CPU or GPU).
 
-A training step (forward, backward, step, zero_grad(set_to_none=True)) of an MLP, for
-torch.optim.SGD(fused) and SNGM with its post-accumulate-grad hooks on (fresh grads are moved into
-the bucket during backward) and off (the step gathers them). Interleaved rounds, medians.
-Usage: python benchmarks/bench_grad_hooks.py [--device cpu|cuda] [--width 2048] [--layers 6]
+A training iteration (zero_grad(set_to_none=True), forward, backward, step) for torch.optim.SGD
+(fused and foreach) and for SNGM three ways:
+
+    sngm gather            hooks off: fresh grads stay where autograd put them, the step copies
+                           them into the bucket (phase 1 then reads them again)
+    sngm hooks             the default: a post-accumulate-grad hook moves each fresh grad into the
+                           bucket during backward; the step runs both phases
+    sngm norm in backward  ``norm_in_backward=True``: the hook also sums the squares of the grad it
+                           just copied (in cache); the step runs the update only
+
+Forward+backward and the step are timed apart (interleaved rounds, medians), so the table shows
+where each variant spends its time as well as the whole iteration.
+
+Models:
+    mlp              ``--layers`` Linear(width, width) + ReLU layers, batch ``--batch``
+    resnet50-params  ResNet-50's 161 parameter tensors (25.6M), each with the loss
+                     sum(p * r) for a fixed random r: backward is one elementwise product per
+                     tensor, so the iteration is almost all optimizer (and hooks)
+
+Usage: python benchmarks/bench_grad_hooks.py [--model mlp|resnet50-params] [--device cpu|cuda]
+       [--weight-decay 1e-4] [--threads 2] [--json FILE]
 """
 
 import argparse
+import json
+import os
+import platform
 import statistics
+import sys
 import time
 
 import torch
 
-from sngm_ext import SNGM
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from bench_native_cpu import resnet50_shapes  # noqa: E402
+
+from sngm_ext import SNGM  # noqa: E402
 
 
-def main():
-    ap = argparse.ArgumentParser()
+class ParamsOnly(torch.nn.Module):
+    """Params of the given shapes; loss = sum_i sum(p_i * r_i), so grad_i = r_i (a fresh tensor)."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.ps = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(s, generator=g) * 0.05)
+                                          for s in shapes])
+        for i, s in enumerate(shapes):
+            self.register_buffer(f"r{i}", torch.randn(s, generator=g))
+
+    def forward(self, _x):
+        return sum((p * getattr(self, f"r{i}")).sum() for i, p in enumerate(self.ps))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=["mlp", "resnet50-params"], default="mlp")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--width", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--weight-decay", type=float, default=1e-4)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=15)
-    args = ap.parse_args()
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
     dev = torch.device(args.device)
+    if dev.type == "cpu":
+        torch.set_num_threads(args.threads)
 
     def make():
         torch.manual_seed(0)
+        if args.model == "resnet50-params":
+            return ParamsOnly(resnet50_shapes()).to(dev)
         layers = []
         for _ in range(args.layers):
             layers += [torch.nn.Linear(args.width, args.width), torch.nn.ReLU()]
         return torch.nn.Sequential(*layers).to(dev)
 
     x = torch.randn(args.batch, args.width, device=dev)
+    wd = args.weight_decay
     variants = {}
-    m = make()
-    variants["sgd-fused"] = (m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9,
-                                                 weight_decay=1e-4, fused=True))
-    for name, hooks in (("sngm hooks on", True), ("sngm hooks off", False)):
+    for name, kw in (("sgd fused", dict(fused=True)), ("sgd foreach", dict(foreach=True))):
         m = make()
-        opt = SNGM(m.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-        variants[name] = (m, opt, hooks)
-
-    def step(v):
-        m, opt = v[0], v[1]
-        opt.zero_grad(set_to_none=True)
-        m(x).square().mean().backward()
-        opt.step()
-        if len(v) == 3 and not v[2] and opt._buckets is not None:
-            opt._buckets.release()  # the step gathers the grads instead
+        variants[name] = (m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=wd, **kw))
+    for name, kw in (("sngm gather", {}), ("sngm hooks", {}),
+                     ("sngm norm in backward", dict(norm_in_backward=True))):
+        m = make()
+        variants[name] = (m, SNGM(m.parameters(), lr=0.01, momentum=0.9, weight_decay=wd, **kw))
 
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    times = {k: [] for k in variants}
-    for v in variants.values():
+    def iteration(name):
+        m, opt = variants[name]
+        sync()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        m(x).square().mean().backward()
+        sync()
+        t1 = time.perf_counter()
+        opt.step()
+        sync()
+        t2 = time.perf_counter()
+        if name == "sngm gather" and opt._buckets is not None:
+            opt._buckets.release()  # no hooks: the next step gathers the grads
+        return t1 - t0, t2 - t1
+
+    for name in variants:
         for _ in range(3):
-            step(v)
-    sync()
+            iteration(name)
+    names = list(variants)
+    fb = {k: [] for k in names}
+    st = {k: [] for k in names}
     for r in range(args.rounds):
-        for k in list(variants)[r % 3:] + list(variants)[: r % 3]:
-            sync()
-            t = time.perf_counter()
-            step(variants[k])
-            sync()
-            times[k].append(time.perf_counter() - t)
-    n = sum(p.numel() for p in variants["sgd-fused"][0].parameters())
-    print(f"MLP {args.layers} x {args.width}^2 ({n / 1e6:.1f}M params), batch {args.batch}, "
-          f"{dev}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    base = statistics.median(times["sgd-fused"])
-    for k, ts in times.items():
-        med = statistics.median(ts)
-        print(f"{k:16s} {med * 1e3:8.2f} ms  {med / base:5.2f}x")
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            a, b = iteration(k)
+            fb[k].append(a)
+            st[k].append(b)
+
+    n = sum(p.numel() for p in variants["sgd fused"][0].parameters())
+    what = (f"ResNet-50's params (161 tensors), loss sum(p * r)" if args.model == "resnet50-params"
+            else f"MLP {args.layers} x {args.width}^2, batch {args.batch}")
+    head = (f"{what}: {n / 1e6:.1f}M params, weight decay {wd:g}, momentum 0.9, {dev}, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.rounds} rounds")
+    print(head)
+    med = {k: (statistics.median(fb[k]) * 1e3, statistics.median(st[k]) * 1e3) for k in names}
+    whole = {k: statistics.median([a + b for a, b in zip(fb[k], st[k])]) * 1e3 for k in names}
+    best_sgd = min(("sgd fused", "sgd foreach"), key=lambda k: whole[k])
+    base, base_step = whole[best_sgd], med[best_sgd][1]
+    print(f"{'variant':22s} {'fwd+bwd ms':>10s} {'step ms':>9s} {'whole ms':>9s} "
+          f"{'whole vs ' + best_sgd:>18s} {'step vs ' + best_sgd:>17s}")
+    rows = {}
+    for k in names:
+        a, b = med[k]
+        rows[k] = dict(fwd_bwd_ms=a, step_ms=b, whole_ms=whole[k], whole_ratio=whole[k] / base,
+                       step_ratio=b / base_step)
+        print(f"{k:22s} {a:10.2f} {b:9.2f} {whole[k]:9.2f} {whole[k] / base:17.2f}x {b / base_step:16.2f}x")
+    nib = variants["sngm norm in backward"][1]
+    print(f"norm in backward: the step used the hooks' sums in {nib._buckets.sums_steps} of "
+          f"{nib._buckets.steps} steps")
+    if args.json:
+        out = dict(what=head, best_sgd=best_sgd, variants=rows, args=vars(args),
+                   machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+                   date=time.strftime("%Y-%m-%d %H:%M"))
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from ._group import accumulate_dtype
+
+if TYPE_CHECKING:
+    from .backward_sums import BackwardSums
 
 ALIGN = 16
 # One partial sum per CHUNK elements. 4096 fp32 = 16 KiB per tensor read per program: large enough
@@ -107,6 +110,7 @@ class Bucket:
         self.adopted: List[bool] = []
         self.hooks: List[Optional[object]] = []
         self.fired: List[bool] = [False] * len(self.params)  # the hook moved a grad since the last step
+        self.sums: Optional["BackwardSums"] = None  # phase 1 in the hooks (norm_in_backward)
         with torch.no_grad():
             for k, (p, v) in enumerate(zip(self.params, self.param_views)):
                 v.copy_(p.detach())
@@ -130,14 +134,21 @@ class Bucket:
 
         def hook(p):
             g = p.grad
-            if g is None or g is view or bucket() is None or g.requires_grad:
+            b = bucket()
+            if g is None or b is None or g.requires_grad:
+                return
+            if g is view:  # autograd accumulated into the view in place: one write
+                if b.sums is not None:
+                    b.sums.after_write(k, 1)
                 return
             if g.layout != torch.strided or g.shape != view.shape or g.dtype != view.dtype:
                 return  # left for the step to refuse or to rebuild over
             with torch.no_grad():
                 view.copy_(g)
             p.grad = view
-            bucket().fired[k] = True
+            b.fired[k] = True
+            if b.sums is not None:
+                b.sums.after_write(k, 1)
 
         return self.params[k].register_post_accumulate_grad_hook(hook)
 
@@ -292,6 +303,7 @@ class StepPlan:
     seg_ptr: Tensor  # int64 [n_segments + 1]: segment s owns partials[seg_ptr[s]:seg_ptr[s+1]]
     n_sumsq: int  # 1 (norm="global": the total) or 1 + n_segments (norm="tensor")
     acc_dtype: torch.dtype
+    full: bool  # every param of every bucket takes part (the layout the backward sums use)
 
 
 @dataclass
@@ -301,6 +313,12 @@ class BucketSet:
     buckets: List[Bucket]
     signature: Tuple
     plans: Dict[Tuple, StepPlan] = field(default_factory=dict)
+    # The all-present plans' partials (both norms share the rows): kept across plan-cache resets,
+    # since the backward sums write into it between steps.
+    full_partials: Optional[Tensor] = None
+    sums_backend: Optional[str] = None  # whose ops the buckets' BackwardSums call
+    steps: int = 0  # fused steps taken over these buckets
+    sums_steps: int = 0  # ... of which took all of phase 1 from the backward sums
 
     @classmethod
     def build(cls, groups_params: Sequence[Sequence[Tensor]], adopt: bool = True) -> "BucketSet":
@@ -320,6 +338,36 @@ class BucketSet:
     def release(self) -> None:
         for b in self.buckets:
             b.release()
+
+    def full_presents(self) -> List[Tuple[bool, ...]]:
+        return [(True,) * len(b.params) for b in self.buckets]
+
+    def attach_backward_sums(self, backend: str, sumsq_op, hyper) -> None:
+        """Give every bucket a :class:`BackwardSums` that runs ``sumsq_op`` from the grad hooks.
+
+        ``hyper(group_index)`` returns that group's current (weight_decay, maximize).
+        """
+        from .backward_sums import BackwardSums
+
+        if self.sums_backend == backend:
+            return
+        plan = self.plan(self.full_presents(), per_tensor=False)
+        for b, table, off in zip(self.buckets, plan.chunks, plan.partial_offsets):
+            tables, first_rows, row = [], [], 0
+            for o, n in zip(b.offsets, b.numels):
+                rows = len(range(o, o + _round_up(n, ALIGN), CHUNK))
+                tables.append(table[:, row:row + rows].contiguous() if rows else None)
+                first_rows.append(off + row)
+                row += rows
+            gi = b.group_index
+            b.sums = BackwardSums(b, sumsq_op, tables, first_rows, plan.partials,
+                                  lambda gi=gi: hyper(gi))
+        self.sums_backend = backend
+
+    def detach_backward_sums(self) -> None:
+        for b in self.buckets:
+            b.sums = None
+        self.sums_backend = None
 
     @property
     def device(self) -> torch.device:
@@ -355,11 +403,19 @@ class BucketSet:
         for s in seg_sizes:
             seg_ptr.append(seg_ptr[-1] + s)
         acc = accumulate_dtype([b.dtype for b, pr in zip(self.buckets, presents) if any(pr)])
+        full = all(all(pr) for pr in presents)
+        if full:
+            if self.full_partials is None:
+                self.full_partials = torch.zeros(max(n_partials, 1), dtype=acc, device=device)
+            partials = self.full_partials
+        else:
+            partials = torch.zeros(max(n_partials, 1), dtype=acc, device=device)
         return StepPlan(
             chunks=chunks,
             partial_offsets=offsets,
-            partials=torch.zeros(max(n_partials, 1), dtype=acc, device=device),
+            partials=partials,
             seg_ptr=torch.tensor(seg_ptr, dtype=torch.int64).to(device),
             n_sumsq=n_sumsq,
             acc_dtype=acc,
+            full=full,
         )

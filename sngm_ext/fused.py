@@ -38,10 +38,16 @@ def fused_step(
 
     plan = buckets.plan(presents, per_tensor)
     sumsq = torch.empty(plan.n_sumsq, dtype=plan.acc_dtype, device=buckets.device)
+    launched = 0
     for b, chunks, off in zip(buckets.buckets, plan.chunks, plan.partial_offsets):
         if chunks is not None:
             grp = groups[b.group_index]
+            if plan.full and b.sums is not None and b.sums.ready(grp.weight_decay, grp.maximize):
+                continue  # the grad hooks wrote these partials during backward (backward_sums.py)
             ops.sumsq(b.param, b.grad, chunks, grp.weight_decay, grp.maximize, plan.partials, off)
+            launched += 1
+    buckets.steps += 1
+    buckets.sums_steps += launched == 0 and buckets.sums_backend is not None
     ops.finalize(plan.partials, plan.seg_ptr, sumsq)
     if reduce_sumsq is not None:
         reduce_sumsq(sumsq)
@@ -58,6 +64,9 @@ def fused_step(
     for b, present in zip(buckets.buckets, presents):
         b.write_back(present, pending)
     pending.apply()
+    for b in buckets.buckets:
+        if b.sums is not None:
+            b.sums.reset()  # the next backward's hooks start over
     return finish_norm(sumsq[0], skipped_steps)
 
 

@@ -46,6 +46,15 @@ class SNGM(Optimizer):
         norm: ``"global"`` (the paper's SNGM) or ``"tensor"``.
         backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cpu"`` or ``"cuda"``
             (see :mod:`sngm_ext.functional`).
+        norm_in_backward: compute each grad's share of the norm (phase 1 of the fused step) in
+            the backward pass, as the grad hook moves it into its bucket while it is still in
+            cache; the step then reads the grads once instead of twice. Results are bitwise the
+            same. The step checks tensor version counters and computes the norm itself whenever
+            grads or params were written after backward (``clip_grad_norm_``,
+            ``GradScaler.unscale_``, DDP, ``zero_grad(set_to_none=False)``, a grad set by hand), so
+            it is exact with those too; what it cannot see is a write that bypasses the counters
+            (through ``.data``, or by native code outside the dispatcher) between backward and
+            step: do not turn it on where such writes happen. Needs a fused backend.
         process_group: the group to sum the squared norm over when each rank steps only part of
             the params and it cannot be inferred: ``ZeroRedundancyOptimizer`` (bind it with
             ``functools.partial(SNGM, process_group=pg)``, see :mod:`sngm_ext.distributed`).
@@ -68,6 +77,7 @@ class SNGM(Optimizer):
         *,
         norm: str = "global",
         backend: str = "auto",
+        norm_in_backward: bool = False,
         process_group=None,
     ):
         check_hyperparameters(lr, momentum, weight_decay, nesterov)
@@ -80,6 +90,10 @@ class SNGM(Optimizer):
         )
         self.norm = norm
         self.backend = backend
+        if backend == "reference" and norm_in_backward:
+            raise ValueError("norm_in_backward=True needs a fused backend; the 'reference' backend "
+                             "computes the norm in the step")
+        self.norm_in_backward = bool(norm_in_backward)
         self.process_group = process_group
         self._dist = None  # distributed.DistPlan of the current params, None when single-process
         self._dist_key: Optional[tuple] = None
@@ -127,6 +141,16 @@ class SNGM(Optimizer):
         if self._buckets is not None:
             self._buckets.release()  # the old buckets' grad hooks go with them
         return BucketSet.build(params, adopt=adopt)
+
+    def _group_sums_hyper(self, group_index: int):
+        group = self.param_groups[group_index]
+        return float(group["weight_decay"]), bool(group["maximize"])
+
+    def _attach_backward_sums(self, buckets: BucketSet, name: str, ops) -> None:
+        if self.norm_in_backward and ops is not None:
+            buckets.attach_backward_sums(name, ops.sumsq, self._group_sums_hyper)
+        elif buckets.sums_backend is not None:
+            buckets.detach_backward_sums()
 
     def _bucket_params(self, dist_plan) -> List[List[Tensor]]:
         if dist_plan is not None and dist_plan.dtensor:
@@ -203,7 +227,7 @@ class SNGM(Optimizer):
         dtensor = dist_plan is not None and dist_plan.dtensor
         run = dist_plan.localize(groups) if dtensor else groups
         device = self._device()
-        name, _ = resolve_backend(self.backend, device)
+        name, ops = resolve_backend(self.backend, device)
         if self._skipped is None or self._skipped.device != device:
             prev = self._skipped
             self._skipped = torch.zeros((), dtype=torch.int64, device=device)
@@ -219,12 +243,16 @@ class SNGM(Optimizer):
             if self._buckets is None or self._buckets.signature != signature:
                 self._buckets = self._rebuild(all_params, adopt=not dtensor)
             buckets = self._buckets
+            if not dtensor:  # FSDP2's shards have no grad hooks
+                self._attach_backward_sums(buckets, name, ops)
         try:
             grad_norm = sngm_groups(run, norm=self.norm, backend=self.backend,
                                     skipped_steps=self._skipped, buckets=buckets,
                                     reduce_sumsq=self._reducer(dist_plan, run, buckets))
         except LayoutChanged:  # a param moved, changed dtype or shape: rebuild, nothing was written
             self._buckets = self._rebuild(self._bucket_params(dist_plan), adopt=not dtensor)
+            if not dtensor:
+                self._attach_backward_sums(self._buckets, name, ops)
             groups = self._collect()  # sync may have pointed entries at the old buckets' views
             run = dist_plan.localize(groups) if dtensor else groups
             grad_norm = sngm_groups(run, norm=self.norm, backend=self.backend,

@@ -182,12 +182,13 @@ class CountCollectives:
 # ---------------------------------------------------------------- DDP
 
 
-def _ddp_run(backend, unused=False, accumulate=False, set_to_none=True, **ddp_kwargs):
+def _ddp_run(backend, unused=False, accumulate=False, set_to_none=True, sngm_kwargs=None,
+             **ddp_kwargs):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = Net()
     ddp = DDP(model, **ddp_kwargs)
-    opt = SNGM(param_groups(model), backend=backend)
+    opt = SNGM(param_groups(model), backend=backend, **(sngm_kwargs or {}))
     ref = oracle(backend, accumulate=accumulate, unused=unused)
     for s in range(STEPS):
         opt.zero_grad(set_to_none=set_to_none)
@@ -225,6 +226,13 @@ def ddp_bucket_view_static_graph(backend):
     buckets, so that a grad spans a whole bucket and still is not SNGM's to re-point."""
     _ddp_run(backend, gradient_as_bucket_view=True, static_graph=True, set_to_none=False,
              bucket_cap_mb=1e-5)
+
+
+@scenario
+def ddp_norm_in_backward(backend):
+    """The grad hooks sum each rank's own grads; DDP then writes the averaged ones into p.grad in
+    place, which the version counters see: the step must normalize the averaged grads."""
+    _ddp_run(backend, sngm_kwargs=dict(norm_in_backward=True))
 
 
 @scenario

@@ -27,6 +27,7 @@ SCENARIOS = {
     "ddp": (2, 3),
     "ddp_bucket_view_static_graph": (2,),
     "ddp_find_unused_no_sync": (2,),
+    "ddp_norm_in_backward": (2,),
     "fsdp": (2, 3),
     "fsdp_tensor_norm": (2, 3),
     "hsdp_mesh": (2,),
@@ -45,7 +46,13 @@ TRITON = {"ddp", "fsdp", "fsdp_tensor_norm", "fsdp_nan_on_one_rank_skips_everywh
           "dtensor_uneven_presence_tensor_norm"}
 
 
+# Scenarios of an option only the fused backends have.
+FUSED_ONLY = {"ddp_norm_in_backward"}
+
+
 def _runs_for(name, world, backend):
+    if backend == "reference" and name in FUSED_ONLY:
+        return False
     return backend != "triton" or (name in TRITON and world == 2)
 
 
@@ -131,7 +138,8 @@ def test_distributed(world, name, backend):
             pytest.fail(f"backend {backend!r} must be available in CI")
         pytest.skip(f"backend {backend!r} is not available here")
     if not _runs_for(name, world, backend):
-        pytest.skip("Triton's interpreter is slow: this scenario runs it at 2 ranks only, or not "
+        pytest.skip("an option of the fused backends only" if name in FUSED_ONLY else
+                    "Triton's interpreter is slow: this scenario runs it at 2 ranks only, or not "
                     "(its fused path is covered by the cpu backend)")
     results, output = run_for(world)
     key = f"{name}[{backend}]"
