@@ -204,12 +204,12 @@ def test_bitwise_deterministic_across_runs_and_thread_counts(ops, dtype):
                 assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("bad", [math.inf, math.nan])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_non_finite_grad_skips_the_step(ops, dtype, bad):
-    params = make_params(dtype)
+def check_non_finite_grad_skips_the_step(backend, dtype, bad, device="cpu"):
+    """A NaN/Inf in one grad: params, momentum and the device-side counter as the tests expect,
+    and a finite step afterwards goes through (shared with test_native_cuda.py)."""
+    params = make_params(dtype, device=device)
     opt = SNGM([dict(params=params[:4]), dict(params=params[4:], nesterov=True, momentum=0.5)],
-               lr=0.1, momentum=0.9, weight_decay=1e-2, backend="cpu")
+               lr=0.1, momentum=0.9, weight_decay=1e-2, backend=backend)
     for p, g in zip(params, grads_for(params, 0)):
         p.grad = g
     opt.step()
@@ -220,7 +220,7 @@ def test_non_finite_grad_skips_the_step(ops, dtype, bad):
     for p, g in zip(params, grads):
         p.grad = g
     opt.step()
-    assert opt.skipped_steps.item() == 1
+    assert opt.skipped_steps.device == params[0].device and opt.skipped_steps.item() == 1
     assert not torch.isfinite(opt.grad_norm)
     for x, y in zip(params, before):
         assert torch.equal(x.detach(), y)
@@ -232,6 +232,12 @@ def test_non_finite_grad_skips_the_step(ops, dtype, bad):
     opt.step()
     assert opt.skipped_steps.item() == 1
     assert not torch.equal(params[3].detach(), before[3])
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_non_finite_grad_skips_the_step(ops, dtype, bad):
+    check_non_finite_grad_skips_the_step("cpu", dtype, bad)
 
 
 def test_zero_grads_give_a_zero_norm_and_no_nan(ops):

@@ -11,8 +11,8 @@ import torch
 
 import sngm_ext
 from sngm_ext import SNGM, BackendUnavailable
-from test_native_cpu import (CONFIGS, DTYPES, SHAPES, assert_native_close, grads_for, make_params,
-                             run)
+from test_native_cpu import (CONFIGS, DTYPES, SHAPES, assert_native_close,
+                             check_non_finite_grad_skips_the_step, grads_for, make_params, run)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -60,24 +60,9 @@ def test_cuda_bitwise_deterministic(ops, dtype):
 
 
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
-def test_cuda_non_finite_grad_skips_on_device(ops, bad):
-    params = make_params(torch.float32, device="cuda")
-    opt = SNGM(params, lr=0.1, momentum=0.9, weight_decay=1e-2, backend="cuda")
-    for p, g in zip(params, grads_for(params, 0)):
-        p.grad = g
-    opt.step()
-    before = [p.detach().clone() for p in params]
-    bufs = [opt.state[p]["momentum_buffer"].clone() for p in params]
-    grads = grads_for(params, 3)
-    grads[6].view(-1)[1234] = bad
-    for p, g in zip(params, grads):
-        p.grad = g
-    opt.step()
-    assert opt.skipped_steps.item() == 1
-    for x, y in zip(params, before):
-        assert torch.equal(x.detach(), y)
-    for p, y in zip(params, bufs):
-        assert torch.equal(opt.state[p]["momentum_buffer"], y)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_cuda_non_finite_grad_skips_on_device(ops, dtype, bad):
+    check_non_finite_grad_skips_the_step("cuda", dtype, bad, device="cuda")
 
 
 def test_cuda_and_cpu_backends_agree(ops):
