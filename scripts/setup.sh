@@ -14,13 +14,18 @@ TREE=${SNGM_TORCH_CUDA_TREE:-$HOME/.cache/sngm_ext/torch-2.14.1-cuda}
 if { command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; } && [ ! -f "$TREE/torch/include/ATen/ATen.h" ]; then
   $PY -m pip install -q --no-deps --target "$TREE" torch==2.14.1
 fi
-# Fashion-MNIST for the large-batch training runs (benchmarks/train_large_batch.py): real data from
-# Debian's package (30 MB). Needs root and apt; elsewhere see README ("Large-batch training").
-if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+# Real data for the large-batch training runs (benchmarks/train_large_batch.py), from Debian's
+# packages: Fashion-MNIST (30 MB) and fortunes (2.5 MB of quotes, the text task; "computers" is one of
+# its files, the file "fortunes" is fortunes-min's). Needs root and apt; elsewhere see README
+# ("Large-batch training").
+missing=()
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || missing+=(dataset-fashion-mnist)
+[ -f /usr/share/games/fortunes/computers ] || missing+=(fortunes)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; } \
-      || echo "setup.sh: could not install dataset-fashion-mnist (the training runs need it)" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; } \
+      || echo "setup.sh: could not install ${missing[*]} (the training runs need them)" >&2
   else
-    echo "setup.sh: not root: install dataset-fashion-mnist by hand for the training runs" >&2
+    echo "setup.sh: not root: install ${missing[*]} by hand for the training runs" >&2
   fi
 fi

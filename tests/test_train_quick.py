@@ -22,6 +22,7 @@ if BENCH not in sys.path:
 from train.data import batches, load_fashion_mnist, read_idx  # noqa: E402
 from train.lars import LARS  # noqa: E402
 from train.runner import cosine_factor, train_run  # noqa: E402
+from train.tasks import ImageTask  # noqa: E402
 
 from sngm_ext import SNGM  # noqa: E402
 
@@ -138,7 +139,7 @@ def test_resnet_trains_one_epoch(fake_fmnist):
     data = load_fashion_mnist(fake_fmnist[0], val_size=50, train_subset=64, test_subset=50)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        r = train_run(data, "resnet", "sngm", 32, 0.1, 0, 1)
+        r = train_run(ImageTask(), data, "resnet", "sngm", 32, 0.1, 0, 1)
     assert r["steps"] == 2 and math.isfinite(r["final"]["train_loss"])
 
 

@@ -1,9 +1,12 @@
-"""The two image models, in plain torch.nn (torchvision does not import beside torch 2.13 CPU).
+"""The models, in plain torch.nn (torchvision does not import beside torch 2.13 CPU).
 
 - ``cnn``: two convolutional layers and two fully connected ones, the kind of network of the
   paper's Figure 1 (a network with two convolutional layers), sized for 28x28 grey images.
 - ``resnet`` / ``resnetN``: a CIFAR-style ResNet (He et al.'s 6n+2 family, like the paper's
   ResNet-20) with three stages of n basic blocks each; ``resnet`` is ResNet-8 (n=1).
+- ``lstm`` / ``lstmN``: a character-level language model of the paper's Section 7.2 shape (2-layer
+  LSTM, embedding size = hidden size, dropout 0.2); ``lstm`` has width 128 (the paper's 200 is
+  ``lstm200``, ~2x the CPU time).
 """
 
 from __future__ import annotations
@@ -80,10 +83,33 @@ class ResNet(nn.Module):
         return self.fc(x)
 
 
+class CharLSTM(nn.Module):
+    """Embedding - dropout - 2-layer LSTM (dropout between layers) - dropout - linear decoder, with
+    the initialization of PyTorch's word_language_model example, whose defaults the paper's LSTM
+    setting matches (200/200, 2 layers, dropout 0.2, 40 epochs, batch 20)."""
+
+    def __init__(self, vocab_size: int, width: int = 128, layers: int = 2, dropout: float = 0.2):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.embed = nn.Embedding(vocab_size, width)
+        self.rnn = nn.LSTM(width, width, layers, dropout=dropout)
+        self.decoder = nn.Linear(width, vocab_size)
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+
+    def forward(self, x, hidden=None):
+        """x: [T, B] character ids -> logits [T, B, vocab] and the LSTM state to carry on."""
+        out, hidden = self.rnn(self.drop(self.embed(x)), hidden)
+        return self.decoder(self.drop(out)), hidden
+
+
 MODELS = {
     "cnn": "LeNet-5 shape: conv5x5(6)-pool-conv5x5(16)-pool-fc120-fc84-fc10",
     "resnet": "ResNet-8: 3x3 conv(16) + 3 stages x 1 basic block (16/32/64, BatchNorm), avg-pool, fc",
     "resnetN": "ResNet-N, N = 6n+2 (resnet20: the paper's ResNet-20 with 3 blocks per stage)",
+    "lstm": "character LM: embedding 128 - 2-layer LSTM 128 (dropout 0.2) - linear decoder",
+    "lstmN": "the same with embedding and hidden size N (lstm200: the paper's Section 7.2 size)",
 }
 
 
@@ -93,4 +119,6 @@ def build_model(name: str, **kw) -> nn.Module:
     if name.startswith("resnet"):
         depth = int(name[len("resnet"):] or 8)
         return ResNet(depth=depth, **kw)
-    raise ValueError(f"unknown model {name!r} (cnn, resnet, resnet8, resnet14, resnet20, ...)")
+    if name.startswith("lstm"):
+        return CharLSTM(width=int(name[len("lstm"):] or 128), **kw)
+    raise ValueError(f"unknown model {name!r} (cnn, resnet, resnet8, resnet14, resnet20, ..., lstm, lstm200, ...)")

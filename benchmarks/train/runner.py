@@ -1,18 +1,15 @@
-"""One training run: the paper's protocol (cosine decay per epoch, no warm-up) for one optimizer."""
+"""One training run: the paper's protocol (cosine decay per epoch, no warm-up) for one optimizer and task."""
 
 from __future__ import annotations
 
 import math
 import time
 import warnings
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import torch
-import torch.nn.functional as F
 
-from .data import Data, Split, batches
 from .lars import LARS
-from .models import build_model
 
 OPTIMIZERS = ("msgd", "lars", "sngm", "sngm_tensor", "sngd", "adam")
 LABELS = {"msgd": "MSGD", "lars": "LARS", "sngm": "SNGM", "sngm_tensor": "SNGM block-wise",
@@ -47,34 +44,20 @@ def sngm_backend_name(device: torch.device, backend: str = "auto") -> str:
             return f"unavailable ({e})"
 
 
-@torch.no_grad()
-def evaluate(model, split: Split, chunk: int = 2048) -> Dict[str, float]:
-    was_training = model.training
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(split), chunk):
-        x, y = split.x[start : start + chunk], split.y[start : start + chunk]
-        out = model(x)
-        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
-    model.train(was_training)
-    n = max(len(split), 1)
-    return {"loss": loss_sum / n, "acc": correct / n}
-
-
 def cosine_factor(epoch: int, epochs: int) -> float:
     """The paper's schedule: lr_m = lr_0 * 0.5 * (1 + cos(m * pi / E)), m = 0..E-1, per epoch."""
     return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
 
 
-def train_run(data: Data, model_name: str, opt_name: str, batch_size: int, lr: float, seed: int,
+def train_run(task, data, model_name: str, opt_name: str, batch_size: int, lr: float, seed: int,
               epochs: int, momentum: float = 0.9, weight_decay: float = 1e-4,
               device: torch.device = torch.device("cpu"), backend: str = "auto",
-              eval_test_every_epoch: bool = True,
               progress: Optional[Callable[[str], None]] = None) -> dict:
-    """Train from the seed's initialization; returns curves and final metrics (JSON-ready)."""
+    """Train from the seed's initialization; returns curves and final metrics (JSON-ready).
+    ``task`` (benchmarks/train/tasks.py) supplies the model, the epoch's batches and the evaluation."""
     torch.manual_seed(seed)  # same initial weights for every optimizer and batch size
-    model = build_model(model_name).to(device)
+    model = task.build_model(model_name, data.info).to(device)
+    clip = task.msgd_clip if opt_name == "msgd" else None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*falls back to the slow 'reference'.*")
         opt = make_optimizer(opt_name, model.parameters(), lr, momentum, weight_decay, backend)
@@ -83,49 +66,46 @@ def train_run(data: Data, model_name: str, opt_name: str, batch_size: int, lr: f
         curves: List[dict] = []
         diverged = False
         steps = 0
+
+        def step(loss):
+            nonlocal steps
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+            steps += 1
+
         t0 = time.perf_counter()
         for epoch in range(epochs):
             te = time.perf_counter()
             model.train()
             lr_now = opt.param_groups[0]["lr"]
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device, dtype=torch.long)
-            for x, y in batches(data.train, batch_size, gen):
-                out = model(x)
-                loss = F.cross_entropy(out, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                steps += 1
-                loss_sum += loss.detach() * y.shape[0]
-                correct += (out.detach().argmax(1) == y).sum()
+            stats = task.train_epoch(model, step, data.train, batch_size, gen)
             sched.step()
-            train_loss = loss_sum.item() / len(data.train)
-            rec = {"epoch": epoch + 1, "lr": lr_now, "train_loss": train_loss,
-                   "train_acc": correct.item() / len(data.train), "train_time_s": time.perf_counter() - te}
+            train_loss = stats["train_loss"]
+            rec = {"epoch": epoch + 1, "lr": lr_now, **stats, "train_time_s": time.perf_counter() - te}
             if not math.isfinite(train_loss):
                 diverged = True
             last = epoch == epochs - 1 or diverged
-            if last:  # the validation split only selects the lr: evaluated once, at the end
-                v = evaluate(model, data.val)
-                rec.update(val_loss=v["loss"], val_acc=v["acc"])
-            if eval_test_every_epoch or last:
-                t = evaluate(model, data.test)
-                rec.update(test_loss=t["loss"], test_acc=t["acc"])
+            # every epoch: the split of the task's figure; the other one (the image task's validation
+            # split, which only selects the lr; the text task's test split) once, at the end
+            for split in ("val", "test"):
+                if last or split == task.curve_split:
+                    rec.update({f"{split}_{k}": v for k, v in task.evaluate(model, getattr(data, split)).items()})
             curves.append(rec)
             if progress:
                 progress(f"epoch {epoch + 1}/{epochs} lr {lr_now:.4g} train_loss {train_loss:.4f} "
                          f"({rec['train_time_s']:.1f}s)"
-                         + (f" val_acc {rec['val_acc']:.4f}" if "val_acc" in rec else "")
-                         + (f" test_acc {rec['test_acc']:.4f}" if "test_acc" in rec else ""))
+                         + "".join(f" {k} {rec[k]:.4f}" for k in task.progress_keys() if k in rec))
             if diverged:
                 break
     final = curves[-1]
     return {
         "model": model_name, "optimizer": opt_name, "batch_size": batch_size, "lr": lr, "seed": seed,
-        "epochs": epochs, "steps": steps, "diverged": diverged,
+        "epochs": epochs, **task.run_settings(), "grad_clip": clip, "steps": steps, "diverged": diverged,
         "params": sum(p.numel() for p in model.parameters()),
         "time_s": time.perf_counter() - t0,
-        "final": {k: final.get(k) for k in ("train_loss", "val_loss", "val_acc", "test_loss", "test_acc")},
+        "final": {k: final.get(k) for k in task.final_keys()},
         "curves": curves,
     }
