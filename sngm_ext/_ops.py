@@ -36,6 +36,15 @@ SCHEMAS = {
     "bool maximize) -> ()",
 }
 
+# Ops a backend may add where fusing pays off. copy_sumsq is sumsq with the grad's segment first
+# copied in from ``src`` (a fresh grad, ``segment_offset`` its start in the bucket), chunk by chunk
+# so the sum reads it from cache; grad hooks use it under norm_in_backward. The C++ CPU extension
+# has it; on GPUs a copy then sumsq finds the grad in L2 anyway.
+CPU_SCHEMAS = {
+    "copy_sumsq": "(Tensor src, Tensor(a!) grad, Tensor param, Tensor chunks, int segment_offset, "
+    "float weight_decay, bool maximize, Tensor(b!) partials, int partial_offset) -> ()",
+}
+
 _lib = torch.library.Library("sngm_ext", "DEF")
 
 
@@ -60,18 +69,19 @@ for _name, _schema in SCHEMAS.items():
 
 
 class FusedOps:
-    """The three ops of one fused backend, looked up once."""
+    """The three ops of one fused backend, looked up once; ``copy_sumsq`` where it has one."""
 
-    def __init__(self, namespace: str, prefix: str = ""):
+    def __init__(self, namespace: str, prefix: str = "", copy_sumsq: bool = False):
         ns = getattr(torch.ops, namespace)
         self.sumsq = getattr(ns, prefix + "sumsq").default
         self.finalize = getattr(ns, prefix + "finalize").default
         self.update = getattr(ns, prefix + "update").default
+        self.copy_sumsq = getattr(ns, prefix + "copy_sumsq").default if copy_sumsq else None
 
 
 def register_native_fakes() -> None:
     """Fake kernels for the extension's ops (called once the extension is loaded)."""
-    for name in SCHEMAS:
+    for name in (*SCHEMAS, *CPU_SCHEMAS):
         qualname = f"sngm_native::{name}"
         try:
             torch.library.register_fake(qualname, _fake)

@@ -20,15 +20,17 @@ from __future__ import annotations
 from typing import Callable, List, Optional, Tuple
 
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 
 class BackwardSums:
     """The hooks' side of phase 1 for one bucket: per-tensor chunk tables and freshness."""
 
-    def __init__(self, bucket, sumsq_op, tables: List[Optional[Tensor]], first_rows: List[int],
-                 partials: Tensor, hyper: Callable[[], Tuple[float, bool]]):
+    def __init__(self, bucket, sumsq_op, copy_sumsq_op, tables: List[Optional[Tensor]],
+                 first_rows: List[int], partials: Tensor, hyper: Callable[[], Tuple[float, bool]]):
         self.bucket = bucket
         self.sumsq = sumsq_op
+        self.copy_sumsq = copy_sumsq_op  # None where the backend has no fused copy
         self.tables = tables  # per tensor: its rows of the all-present chunk table (None: empty)
         self.first_rows = first_rows  # per tensor: where its partials start in `partials`
         self.partials = partials  # the all-present plan's partials (shared by every bucket)
@@ -49,18 +51,45 @@ class BackwardSums:
         self.expect = self.bucket.grad._version  # p.grad *is* its view: one shared counter
         self.param_expect = self._param_versions()
 
-    def after_write(self, k: int, writes: int) -> None:
-        """Tensor ``k``'s grad just took ``writes`` in-place writes (1: the hook's copy, or
-        autograd accumulating into the view); sum its chunks if nothing else wrote meanwhile."""
-        grad_v = self.bucket.grad._version
+    def _may_sum(self, grad_v: int, writes: int) -> Optional[Tuple[float, bool]]:
+        """The group's (weight_decay, maximize) if tensor k's partials can be taken now, else None
+        (and from then on none until the next step)."""
         if self.broken or grad_v - writes != self.expect:
             self.broken = True  # someone else wrote to the grads: the step does phase 1 itself
-            return
+            return None
         hyper = self.hyper()
         if self.used is None:
             self.used = hyper
         elif self.used != hyper:  # weight_decay or maximize changed during backward
             self.broken = True
+            return None
+        return hyper
+
+    def copy_in(self, k: int, g: Tensor, view: Tensor) -> None:
+        """Move the fresh grad ``g`` into tensor ``k``'s view, summing it on the way where the
+        backend fuses the two (one pass over the grad instead of two)."""
+        table = self.tables[k]
+        if self.copy_sumsq is None or table is None or not g.is_contiguous():
+            view.copy_(g)
+            self.after_write(k, 1)
+            return
+        b = self.bucket
+        hyper = self._may_sum(b.grad._version, 0)
+        if hyper is None:
+            view.copy_(g)
+            return
+        self.copy_sumsq(g, b.grad, b.param, table, b.offsets[k], hyper[0], hyper[1], self.partials,
+                        self.first_rows[k])
+        increment_version(b.grad)  # a write like any other: counted as copy_ would count it
+        self.fresh[k] = True
+        self.expect = b.grad._version
+
+    def after_write(self, k: int, writes: int) -> None:
+        """Tensor ``k``'s grad just took ``writes`` in-place writes (1: the hook's copy, or
+        autograd accumulating into the view); sum its chunks if nothing else wrote meanwhile."""
+        grad_v = self.bucket.grad._version
+        hyper = self._may_sum(grad_v, writes)
+        if hyper is None:
             return
         table = self.tables[k]
         if table is not None:

@@ -144,11 +144,12 @@ class Bucket:
             if g.layout != torch.strided or g.shape != view.shape or g.dtype != view.dtype:
                 return  # left for the step to refuse or to rebuild over
             with torch.no_grad():
-                view.copy_(g)
+                if b.sums is not None:
+                    b.sums.copy_in(k, g, view)
+                else:
+                    view.copy_(g)
             p.grad = view
             b.fired[k] = True
-            if b.sums is not None:
-                b.sums.after_write(k, 1)
 
         return self.params[k].register_post_accumulate_grad_hook(hook)
 
@@ -342,8 +343,9 @@ class BucketSet:
     def full_presents(self) -> List[Tuple[bool, ...]]:
         return [(True,) * len(b.params) for b in self.buckets]
 
-    def attach_backward_sums(self, backend: str, sumsq_op, hyper) -> None:
-        """Give every bucket a :class:`BackwardSums` that runs ``sumsq_op`` from the grad hooks.
+    def attach_backward_sums(self, backend: str, sumsq_op, copy_sumsq_op, hyper) -> None:
+        """Give every bucket a :class:`BackwardSums` that runs ``sumsq_op`` (``copy_sumsq_op``,
+        where not None, for fresh grads) from the grad hooks.
 
         ``hyper(group_index)`` returns that group's current (weight_decay, maximize).
         """
@@ -360,7 +362,7 @@ class BucketSet:
                 first_rows.append(off + row)
                 row += rows
             gi = b.group_index
-            b.sums = BackwardSums(b, sumsq_op, tables, first_rows, plan.partials,
+            b.sums = BackwardSums(b, sumsq_op, copy_sumsq_op, tables, first_rows, plan.partials,
                                   lambda gi=gi: hyper(gi))
         self.sums_backend = backend
 

@@ -55,7 +55,7 @@ def load_ops(device_type: str) -> FusedOps:
         if device_type == "cuda":
             _ensure("cuda")
     register_native_fakes()
-    return FusedOps("sngm_native")
+    return FusedOps("sngm_native", copy_sumsq=device_type == "cpu")
 
 
 def info() -> Dict[str, object]:

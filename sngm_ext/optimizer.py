@@ -148,7 +148,7 @@ class SNGM(Optimizer):
 
     def _attach_backward_sums(self, buckets: BucketSet, name: str, ops) -> None:
         if self.norm_in_backward and ops is not None:
-            buckets.attach_backward_sums(name, ops.sumsq, self._group_sums_hyper)
+            buckets.attach_backward_sums(name, ops.sumsq, ops.copy_sumsq, self._group_sums_hyper)
         elif buckets.sums_backend is not None:
             buckets.detach_backward_sums()
 

@@ -14,7 +14,7 @@ import torch
 
 import sngm_ext
 from sngm_ext import SNGM, BackendUnavailable
-from sngm_ext._ops import SCHEMAS
+from sngm_ext._ops import CPU_SCHEMAS, SCHEMAS
 from sngm_ext.buckets import BucketSet
 
 
@@ -253,7 +253,7 @@ def test_zero_grads_give_a_zero_norm_and_no_nan(ops):
 
 
 def test_schemas_are_the_contracts(ops):
-    for name, schema in SCHEMAS.items():
+    for name, schema in {**SCHEMAS, **CPU_SCHEMAS}.items():
         op = getattr(torch.ops.sngm_native, name).default
         expect = torch._C.parse_schema(f"sngm_native::{name}{schema}")
         assert str(op._schema) == str(expect)
@@ -371,3 +371,47 @@ def test_a_chunks_partial_does_not_depend_on_its_neighbours(ops, dtype, wd):
     ops.sumsq(b.param, b.grad, table[:, order].contiguous(), wd, False, shuffled, 0)
     assert torch.equal(together, alone)
     assert torch.equal(together[order], shuffled)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_copy_sumsq_is_a_copy_then_sumsq(ops, dtype, wd):
+    """The grad hooks' fused op (norm_in_backward): the segment gets src's values, its padding
+    stays zero, and each chunk's partial is the bits sumsq gives after a plain copy."""
+    assert ops.copy_sumsq is not None
+    bs, b = _bucket(dtype, sizes=(100, 4096 * 5 + 7, 33))
+    plan = bs.plan([(True, True, True)], per_tensor=False)
+    k = 1
+    o, n = b.offsets[k], b.numels[k]
+    table = plan.chunks[0]
+    rows = ((table[0] >= o) & (table[0] < o + n)).nonzero().flatten()
+    seg_table = table[:, rows].contiguous()
+    src = torch.randn(n, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
+    expect_grad = b.grad.clone()
+    expect_grad[o:o + n] = src
+    expect = torch.full((table.shape[1],), float("nan"), dtype=plan.acc_dtype)
+    b.grad.copy_(expect_grad)
+    ops.sumsq(b.param, b.grad, table, wd, True, expect, 0)
+    b.grad.zero_()
+    got = torch.full_like(expect, float("nan"))
+    ops.copy_sumsq(src, b.grad, b.param, seg_table, o, wd, True, got, int(rows[0]))
+    assert torch.equal(got[rows], expect[rows])
+    assert torch.isnan(got[:rows[0]]).all() and torch.isnan(got[rows[-1] + 1:]).all()
+    assert torch.equal(b.grad[o:o + n], src) and not b.grad[o + n:].any() and not b.grad[:o].any()
+
+
+def test_copy_sumsq_rejects_what_does_not_fit(ops):
+    bs, b = _bucket()
+    plan = bs.plan([(True, True, True)], per_tensor=False)
+    table = plan.chunks[0]
+    before = b.grad.clone()
+    with pytest.raises(RuntimeError, match="does not fit in the bucket"):
+        ops.copy_sumsq(torch.ones(b.grad.numel()), b.grad, b.param, table[:, -1:].contiguous(), 16,
+                       0.0, False, plan.partials, 0)
+    with pytest.raises(RuntimeError, match="before the segment"):
+        ops.copy_sumsq(torch.ones(40), b.grad, b.param, table[:, :1].contiguous(), b.offsets[1],
+                       0.0, False, plan.partials, 0)
+    with pytest.raises(RuntimeError, match="src must be a contiguous"):
+        ops.copy_sumsq(torch.ones(80)[::2], b.grad, b.param, table[:, 1:2].contiguous(),
+                       b.offsets[1], 0.0, False, plan.partials, 0)
+    assert torch.equal(b.grad, before)

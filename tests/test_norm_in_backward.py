@@ -137,3 +137,23 @@ def test_zero_grad_in_place_and_none_grads_fall_back(fused_backend, step_sumsq):
 def test_only_with_a_fused_backend():
     with pytest.raises(ValueError, match="norm_in_backward=True needs a fused backend"):
         SNGM(_model().parameters(), backend="reference", norm_in_backward=True)
+
+
+def test_the_cpu_backend_copies_and_sums_in_one_pass(fused_backend):
+    """Where the backend has copy_sumsq (the C++ CPU one), the hooks use it; elsewhere a copy and
+    a sumsq (the bitwise tests above cover both)."""
+    m = _model()
+    opt = SNGM(m.parameters(), lr=0.05, backend=fused_backend, norm_in_backward=True)
+    _loss(m, 0, torch.float32).backward()
+    opt.step()
+    sums = opt._buckets.buckets[0].sums
+    fused = sums.copy_sumsq is not None
+    assert fused == (fused_backend == "cpu")
+    calls = []
+    if fused:
+        real = sums.copy_sumsq
+        sums.copy_sumsq = lambda *a: (calls.append(a[4]), real(*a))
+    opt.zero_grad()
+    _loss(m, 1, torch.float32).backward()
+    assert all(sums.fresh)
+    assert sorted(calls) == (sorted(opt._buckets.buckets[0].offsets) if fused else [])

@@ -83,6 +83,41 @@ void sumsq(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& ch
   });
 }
 
+void copy_sumsq(const at::Tensor& src, const at::Tensor& grad, const at::Tensor& param,
+                const at::Tensor& chunks, int64_t segment_offset, double weight_decay,
+                bool maximize, const at::Tensor& partials, int64_t partial_offset) {
+  check_bucket("copy_sumsq", c10::DeviceType::CPU, param, grad, std::nullopt, chunks);
+  check_acc_dtype(partials, "copy_sumsq", "partials");
+  TORCH_CHECK(src.scalar_type() == param.scalar_type() && src.device() == param.device() &&
+                  src.is_contiguous(),
+              "sngm_native::copy_sumsq: src must be a contiguous ", param.scalar_type(),
+              " tensor on ", param.device(), ", got ", src.scalar_type(), " on ", src.device());
+  const int64_t n = chunks.size(1);
+  TORCH_CHECK(partials.is_contiguous() && partials.device() == param.device(),
+              "sngm_native::copy_sumsq: partials must be contiguous and on the param's device");
+  TORCH_CHECK(partial_offset >= 0 && partial_offset + n <= partials.numel(),
+              "sngm_native::copy_sumsq: partials[", partial_offset, ":", partial_offset + n,
+              "] is out of range for ", partials.numel(), " partials");
+  TORCH_CHECK(segment_offset >= 0 && segment_offset + src.numel() <= grad.numel(),
+              "sngm_native::copy_sumsq: src (", src.numel(), " elements at ", segment_offset,
+              ") does not fit in the bucket of ", grad.numel());
+  if (n == 0) {
+    return;
+  }
+  const int64_t* ch = chunks.const_data_ptr<int64_t>();
+  const int64_t grain = grain_chunks(n, check_chunk_rows("copy_sumsq", ch, n, param.numel(), -1));
+  for (int64_t c = 0; c < n; ++c) {
+    TORCH_CHECK(ch[c] >= segment_offset, "sngm_native::copy_sumsq: chunk ", c, " starts at ",
+                ch[c], ", before the segment at ", segment_offset);
+  }
+  K::dtype_dispatch(param.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    K::sumsq_kernel<scalar_t>(param, grad, ch, n, grain, weight_decay, maximize, partials,
+                              partial_offset, src.const_data_ptr<scalar_t>(), segment_offset,
+                              src.numel());
+  });
+}
+
 namespace {
 template <typename P>
 double sum_range(const P* p, int64_t lo, int64_t hi) {

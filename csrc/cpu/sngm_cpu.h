@@ -12,6 +12,12 @@ namespace cpu {
 void sumsq(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& chunks,
            double weight_decay, bool maximize, const at::Tensor& partials, int64_t partial_offset);
 
+// sumsq with the grad's segment first copied in from src (a grad hook's fresh grad), chunk by
+// chunk, so the sum reads it from cache: registered for CPU only.
+void copy_sumsq(const at::Tensor& src, const at::Tensor& grad, const at::Tensor& param,
+                const at::Tensor& chunks, int64_t segment_offset, double weight_decay,
+                bool maximize, const at::Tensor& partials, int64_t partial_offset);
+
 void finalize(const at::Tensor& partials, const at::Tensor& seg_ptr, const at::Tensor& sumsq);
 
 void update(const at::Tensor& param, const at::Tensor& grad,

@@ -12,8 +12,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "../sngm_math.h"
@@ -150,13 +152,19 @@ void chunk_update(scalar_t* w, const scalar_t* g, scalar_t* u, int64_t len,
   }
 }
 
+// Phase 1 over a chunk table. With ``src`` (copy_sumsq: a grad hook moving a fresh grad into its
+// bucket segment, which starts at ``src_offset``), each group of chunks is first copied in from
+// ``src`` and then summed while it is still in L1/L2: one pass over the grad instead of a copy
+// and a sum. Padding past ``src_numel`` is not written (it stays zero). Either way a chunk's
+// partial is the same bits (chunks_sumsq reads the bucket in both).
 template <typename scalar_t>
 void sumsq_kernel(const at::Tensor& param, const at::Tensor& grad, const int64_t* chunks,
                   int64_t n_chunks, int64_t grain, double weight_decay, bool maximize,
-                  const at::Tensor& partials, int64_t partial_offset) {
+                  const at::Tensor& partials, int64_t partial_offset,
+                  const scalar_t* src = nullptr, int64_t src_offset = 0, int64_t src_numel = 0) {
   using C = compute_t<scalar_t>;
   const scalar_t* w = param.const_data_ptr<scalar_t>();
-  const scalar_t* g = grad.const_data_ptr<scalar_t>();
+  scalar_t* g = grad.data_ptr<scalar_t>();
   const bool f64 = partials.scalar_type() == c10::kDouble;
   void* out = partials.data_ptr();
   const C sign = maximize ? C(-1) : C(1);
@@ -174,10 +182,21 @@ void sumsq_kernel(const at::Tensor& param, const at::Tensor& grad, const int64_t
           wk[k] = w + chunks[c + k];
           gk[k] = g + chunks[c + k];
         }
+        if (k < K) {
+          k = 1;
+        }
+        if (src != nullptr) {
+          for (int j = 0; j < k; ++j) {
+            const int64_t from = chunks[c + j] - src_offset;
+            const int64_t n = std::min(len, src_numel - from);
+            if (n > 0) {
+              std::memcpy(g + chunks[c + j], src + from, n * sizeof(scalar_t));
+            }
+          }
+        }
         if (k == K) {
           chunks_sumsq<scalar_t, HAS_WD, K>(wk.data(), gk.data(), len, sign, wd, s.data());
         } else {
-          k = 1;
           chunks_sumsq<scalar_t, HAS_WD, 1>(wk.data(), gk.data(), len, sign, wd, s.data());
         }
         for (int j = 0; j < k; ++j, ++c) {
