@@ -74,3 +74,31 @@ def test_gpu_step_never_syncs_and_is_deterministic(gpu_backend):
         outs.append([p.detach().clone() for p in m.parameters()])
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+def test_gpu_norm_in_backward_is_bitwise_the_step_and_never_syncs(gpu_backend):
+    """norm_in_backward on the GPU: the hooks' sums (launched during backward, on its stream) give
+    the bits of the step's own phase 1, the step leaves phase 1 out, and neither syncs."""
+    outs = []
+    for flag in (True, False):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
+                                torch.nn.Linear(256, 10)).cuda()
+        opt = SNGM(m.parameters(), lr=0.1, weight_decay=1e-4, backend=gpu_backend,
+                   norm_in_backward=flag)
+        x = torch.randn(128, 64, device="cuda")
+        y = torch.randint(0, 10, (128,), device="cuda")
+        for s in range(4):
+            opt.zero_grad()
+            if s >= 1:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                torch.nn.functional.cross_entropy(m(x), y).backward()
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        if flag:
+            assert opt._buckets.sums_steps == 3  # every step after the first
+        outs.append([p.detach().clone() for p in m.parameters()])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
