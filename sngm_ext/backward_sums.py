@@ -3,8 +3,10 @@
 With ``SNGM(..., norm_in_backward=True)`` the post-accumulate-grad hook that copies a fresh grad
 into its bucket (buckets.py) also runs the backend's ``sumsq`` op over that tensor's chunks, while
 the grad is still in cache, writing the very partials the step's own phase 1 would write: the same
-chunk rows, the same kernel, so the same bits. When every tensor's partials are fresh the step
-skips its ``sumsq`` launches and reads grads from memory once (the update) instead of twice.
+chunk rows, the same kernel, so the same bits. Where the backend has ``copy_sumsq`` (the C++ CPU
+one) the copy and the sum are one op that sums each chunk right after copying it, from L1/L2.
+When every tensor's partials are fresh the step skips its ``sumsq`` launches and reads grads from
+memory once (the update) instead of twice.
 
 Whether the partials still describe the buckets is decided from the tensors' version counters,
 which every in-place write through torch bumps (views share their base's counter): the hooks

@@ -47,7 +47,7 @@ def fused_step(
             ops.sumsq(b.param, b.grad, chunks, grp.weight_decay, grp.maximize, plan.partials, off)
             launched += 1
     buckets.steps += 1
-    buckets.sums_steps += launched == 0 and buckets.sums_backend is not None
+    buckets.sums_steps += plan.full and launched == 0 and buckets.sums_backend is not None
     ops.finalize(plan.partials, plan.seg_ptr, sumsq)
     if reduce_sumsq is not None:
         reduce_sumsq(sumsq)
