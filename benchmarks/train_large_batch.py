@@ -79,12 +79,10 @@ FIXED_LRS = {
     ("cnn", "sngm_tensor", 128): 0.03, ("cnn", "sngd", 128): 1.0, ("cnn", "adam", 128): 0.01,
     ("cnn", "msgd", 4096): 0.1, ("cnn", "lars", 4096): 0.03, ("cnn", "sngm", 4096): 0.3,
     ("cnn", "sngm_tensor", 4096): 0.1, ("cnn", "sngd", 4096): 1.0, ("cnn", "adam", 4096): 0.01,
-    # PLACEHOLDERS (the middles of the grids) until the first full text run: replace them with the
-    # chosen lrs in benchmarks/results/train_text_full.md
     ("lstm", "msgd", 16): 3.0, ("lstm", "lars", 16): 0.03, ("lstm", "sngm", 16): 1.0,
-    ("lstm", "sngm_tensor", 16): 0.3, ("lstm", "sngd", 16): 3.0, ("lstm", "adam", 16): 0.01,
+    ("lstm", "sngm_tensor", 16): 0.3, ("lstm", "sngd", 16): 3.0, ("lstm", "adam", 16): 0.03,
     ("lstm", "msgd", 256): 10.0, ("lstm", "lars", 256): 0.1, ("lstm", "sngm", 256): 1.0,
-    ("lstm", "sngm_tensor", 256): 0.3, ("lstm", "sngd", 256): 3.0, ("lstm", "adam", 256): 0.01,
+    ("lstm", "sngm_tensor", 256): 1.0, ("lstm", "sngd", 256): 3.0, ("lstm", "adam", 256): 0.01,
 }
 
 # Per task: default batch sizes, the largest batch that takes the "small" grid, the output prefix,
