@@ -58,19 +58,25 @@ int64_t grain_chunks(int64_t n_chunks, int64_t elements) {
   return std::max<int64_t>(1, n_chunks * kGrainElements / elements);
 }
 
+// partials[partial_offset : partial_offset + n] must exist, on the param's device.
+void check_partials(const char* op, const at::Tensor& partials, const at::Tensor& param,
+                    int64_t partial_offset, int64_t n) {
+  check_acc_dtype(partials, op, "partials");
+  TORCH_CHECK(partials.is_contiguous() && partials.device() == param.device(), "sngm_native::", op,
+              ": partials must be contiguous and on the param's device");
+  TORCH_CHECK(partial_offset >= 0 && partial_offset + n <= partials.numel(), "sngm_native::", op,
+              ": partials[", partial_offset, ":", partial_offset + n, "] is out of range for ",
+              partials.numel(), " partials");
+}
+
 }  // namespace
 
 void sumsq(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& chunks,
                double weight_decay, bool maximize, const at::Tensor& partials,
                int64_t partial_offset) {
   check_bucket("sumsq", c10::DeviceType::CPU, param, grad, std::nullopt, chunks);
-  check_acc_dtype(partials, "sumsq", "partials");
   const int64_t n = chunks.size(1);
-  TORCH_CHECK(partials.is_contiguous() && partials.device() == param.device(),
-              "sngm_native::sumsq: partials must be contiguous and on the param's device");
-  TORCH_CHECK(partial_offset >= 0 && partial_offset + n <= partials.numel(),
-              "sngm_native::sumsq: partials[", partial_offset, ":", partial_offset + n,
-              "] is out of range for ", partials.numel(), " partials");
+  check_partials("sumsq", partials, param, partial_offset, n);
   if (n == 0) {
     return;
   }
@@ -87,17 +93,12 @@ void copy_sumsq(const at::Tensor& src, const at::Tensor& grad, const at::Tensor&
                 const at::Tensor& chunks, int64_t segment_offset, double weight_decay,
                 bool maximize, const at::Tensor& partials, int64_t partial_offset) {
   check_bucket("copy_sumsq", c10::DeviceType::CPU, param, grad, std::nullopt, chunks);
-  check_acc_dtype(partials, "copy_sumsq", "partials");
   TORCH_CHECK(src.scalar_type() == param.scalar_type() && src.device() == param.device() &&
                   src.is_contiguous(),
               "sngm_native::copy_sumsq: src must be a contiguous ", param.scalar_type(),
               " tensor on ", param.device(), ", got ", src.scalar_type(), " on ", src.device());
   const int64_t n = chunks.size(1);
-  TORCH_CHECK(partials.is_contiguous() && partials.device() == param.device(),
-              "sngm_native::copy_sumsq: partials must be contiguous and on the param's device");
-  TORCH_CHECK(partial_offset >= 0 && partial_offset + n <= partials.numel(),
-              "sngm_native::copy_sumsq: partials[", partial_offset, ":", partial_offset + n,
-              "] is out of range for ", partials.numel(), " partials");
+  check_partials("copy_sumsq", partials, param, partial_offset, n);
   TORCH_CHECK(segment_offset >= 0 && segment_offset + src.numel() <= grad.numel(),
               "sngm_native::copy_sumsq: src (", src.numel(), " elements at ", segment_offset,
               ") does not fit in the bucket of ", grad.numel());
