@@ -1,7 +1,8 @@
 """What SNGM's backward hooks cost and save in a whole training step (CPU or GPU).
 
 A training iteration (zero_grad(set_to_none=True), forward, backward, step) for torch.optim.SGD
-(fused and foreach) and for SNGM three ways:
+(fused and foreach), for SNGM in plain ``_foreach`` ops (foreach_sngm.py: what a user could write)
+and for sngm_ext's SNGM three ways:
 
     sngm gather            hooks off: fresh grads stay where autograd put them, the step copies
                            them into the bucket (phase 1 then reads them again)
@@ -37,6 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from bench_native_cpu import resnet50_shapes  # noqa: E402
+from foreach_sngm import ForeachSNGM  # noqa: E402
 
 from sngm_ext import SNGM  # noqa: E402
 
@@ -87,6 +89,8 @@ def main(argv=None):
     for name, kw in (("sgd fused", dict(fused=True)), ("sgd foreach", dict(foreach=True))):
         m = make()
         variants[name] = (m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=wd, **kw))
+    m = make()
+    variants["sngm foreach"] = (m, ForeachSNGM(m.parameters(), lr=0.01, momentum=0.9, weight_decay=wd))
     for name, kw in (("sngm gather", {}), ("sngm hooks", {}),
                      ("sngm norm in backward", dict(norm_in_backward=True))):
         m = make()
