@@ -1,5 +1,6 @@
-// The op schemas of the native extension, exactly sngm_ext/_ops.py's SCHEMAS (and CPU_SCHEMAS) in
-// namespace sngm_native, their CPU kernels (../cpu/sngm_cpu.cpp) and the module's Python face (pybind11).
+// The op schemas of the native extension, exactly sngm_ext/_ops.py's SCHEMAS (and CPU_SCHEMAS)
+// in namespace sngm_native, their CPU kernels (../cpu/sngm_cpu.cpp) and the module's Python face
+// (pybind11).
 // Linked into every CPU module (sngm_ext._C_<capability>); the CUDA module (sngm_ext._C_cuda) only
 // adds CUDA kernels, so sngm_ext/native.py loads a CPU module first.
 #include <pybind11/pybind11.h>
