@@ -172,6 +172,8 @@ void sumsq_kernel(const at::Tensor& param, const at::Tensor& grad, const int64_t
   bool_dispatch(weight_decay != 0.0, [&](auto has_wd) {
     at::parallel_for(0, n_chunks, grain, [&](int64_t begin, int64_t end) {
       constexpr bool HAS_WD = decltype(has_wd)::value;
+      // ResNet-50's grads at 2 threads: 4.9-5.7 ms one chunk at a time, 3.5-5.0 ms four at a
+      // time; eight measured no better (within this VM's run-to-run spread).
       constexpr int K = 4;
       std::array<const scalar_t*, K> wk, gk;
       std::array<C, K> s;
