@@ -353,11 +353,13 @@ class BucketSet:
 
         if self.sums_backend == backend:
             return
-        plan = self.plan(self.full_presents(), per_tensor=False)
-        for b, table, off in zip(self.buckets, plan.chunks, plan.partial_offsets):
+        presents = self.full_presents()
+        plan = self.plan(presents, per_tensor=False)
+        for b, present, table, off in zip(self.buckets, presents, plan.chunks, plan.partial_offsets):
+            # rows per tensor, as the table was cut (per_tensor lists empty tensors too: 0 rows)
+            counts = b.chunk_rows(present, 0, per_tensor=True)[3]
             tables, first_rows, row = [], [], 0
-            for o, n in zip(b.offsets, b.numels):
-                rows = len(range(o, o + _round_up(n, ALIGN), CHUNK))
+            for rows in counts:
                 tables.append(table[:, row:row + rows].contiguous() if rows else None)
                 first_rows.append(off + row)
                 row += rows
