@@ -3,10 +3,13 @@
 // exercise the very expressions the GPU runs. Must stay free of torch headers (nvcc includes it).
 //
 // The step (sngm_ext/reference.py is the oracle; C is the compute type: double for fp64 params,
-// float otherwise; A is the sums-of-squares type, float or double):
+// float otherwise; sums of squares, the norm and its inverse are always double):
+//     g    = g_stored * inv_scale     (inv_scale = 1 / grad_scale under GradScaler, else 1: exact)
 //     d    = sign * g + wd * w        (wd == 0: w is not read; the reference adds nothing either)
-//     inv  = n > 0 ? 1 / n : 0,  n = sqrt(sumsq)   (in A, then cast to C)
-//     nd   = d * inv
+//     sumsq += double(d) * double(d)  (every fp32 square fits a double: no finite fp32/bf16/fp16
+//                                      gradient overflows the norm or underflows it to zero)
+//     inv  = n > 0 ? 1 / n : 0,  n = sqrt(sumsq)          (double)
+//     nd   = C(double(d) * inv)       (in double: inv may lie outside fp32's range, d * inv not)
 //     u'   = beta * u + nd
 //     step = nesterov ? nd + beta * u' : u'
 //     w'   = w - lr * step
@@ -24,7 +27,8 @@
 
 namespace sngm {
 
-constexpr long kAlign = 16;  // buckets.ALIGN: chunk starts and lengths are multiples of this
+// Elements per chunk-table row (sngm_ext/layout.py CHUNK): every row's start is a multiple of it.
+constexpr long kChunk = 4096;
 
 // Phase 1 ---------------------------------------------------------------------------------------
 template <bool HAS_WD, typename T>
@@ -37,13 +41,6 @@ SNGM_HD T direction(T g, T w, T sign, T wd) {
 }
 
 // Between the phases -----------------------------------------------------------------------------
-SNGM_HD float sqrt_rn(float x) {
-#if defined(__CUDA_ARCH__)
-  return __fsqrt_rn(x);
-#else
-  return std::sqrt(x);
-#endif
-}
 SNGM_HD double sqrt_rn(double x) {
 #if defined(__CUDA_ARCH__)
   return __dsqrt_rn(x);
@@ -52,11 +49,10 @@ SNGM_HD double sqrt_rn(double x) {
 #endif
 }
 
-// 1 / sqrt(sumsq), 0 when the norm is 0, computed in A then rounded to C (as the reference does).
-template <typename C, typename A>
-SNGM_HD C inverse_norm(A sumsq) {
-  A n = sqrt_rn(sumsq);
-  return static_cast<C>(n > A(0) ? A(1) / n : A(0));
+// 1 / sqrt(sumsq), 0 when the norm is 0; all in double.
+SNGM_HD double inverse_norm(double sumsq) {
+  const double n = sqrt_rn(sumsq);
+  return n > 0.0 ? 1.0 / n : 0.0;
 }
 
 // x * 0 == 0 exactly when x is finite (NaN and +-inf give NaN): no <cmath> classification needed.
@@ -66,15 +62,23 @@ SNGM_HD bool is_finite(A x) {
 }
 
 // Phase 2 ---------------------------------------------------------------------------------------
+// T: the compute type (or a vector of it); D: double (or a vector of doubles) for the
+// normalization. `normalize` turns d into nd = T(D(d) * inv).
 template <typename T>
 struct Hyper {  // hyper-parameters in the compute type (or broadcast to a vector of it)
-  T lr, beta, wd, sign, inv;
+  T lr, beta, wd, sign, gscale;  // gscale: 1 / grad_scale (1 without GradScaler)
 };
 
-// Updates w (and u when HAS_MOM) in place from g: one element (or one vector of elements).
-template <bool HAS_MOM, bool NESTEROV, bool HAS_WD, typename T>
-SNGM_HD void update(T& w, T& u, T g, const Hyper<T>& h) {
-  T nd = direction<HAS_WD>(g, w, h.sign, h.wd) * h.inv;
+// Scalar normalization: C(double(d) * inv).
+template <typename C>
+SNGM_HD C normalize(C d, double inv) {
+  return static_cast<C>(static_cast<double>(d) * inv);
+}
+
+// Updates w (and u when HAS_MOM) in place from g, given nd = normalize(d): one element (or one
+// vector of elements). The caller computes d = direction(g * gscale, w, ...) and normalizes it.
+template <bool HAS_MOM, bool NESTEROV, typename T>
+SNGM_HD void apply(T& w, T& u, T nd, const Hyper<T>& h) {
   T step;
   if constexpr (HAS_MOM) {
     u = h.beta * u + nd;
@@ -87,6 +91,20 @@ SNGM_HD void update(T& w, T& u, T g, const Hyper<T>& h) {
     step = nd;
   }
   w = w - h.lr * step;
+}
+
+// The whole per-element update for scalars (the CUDA kernels and the CPU scalar tails).
+template <bool HAS_MOM, bool NESTEROV, bool HAS_WD, typename C>
+SNGM_HD void update(C& w, C& u, C g, const Hyper<C>& h, double inv) {
+  const C d = direction<HAS_WD>(g * h.gscale, w, h.sign, h.wd);
+  apply<HAS_MOM, NESTEROV>(w, u, normalize(d, inv), h);
+}
+
+// One element's square for phase 1, in double.
+template <bool HAS_WD, typename C>
+SNGM_HD double square(C g, C w, C sign, C wd, C gscale) {
+  const double d = static_cast<double>(direction<HAS_WD>(g * gscale, w, sign, wd));
+  return d * d;
 }
 
 }  // namespace sngm

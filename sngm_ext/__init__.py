@@ -8,7 +8,8 @@ backend is loaded when a step first needs it.
 """
 
 from . import _ops  # noqa: F401  (declares the torch.library ops)
-from .functional import BACKENDS, NORMS, BackendUnavailable, resolve_backend, sngm, sngm_groups
+from .backends import BACKENDS, BackendUnavailable, resolve_backend
+from .functional import NORMS, sngm, sngm_groups
 from .optimizer import SNGM
 
 __version__ = "0.1.0"

@@ -37,20 +37,20 @@ def compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def accumulate_dtype(dtypes):
-    """The global sum of squares is fp64 as soon as one fp64 tensor takes part, else fp32."""
-    import torch
-
-    return torch.float64 if any(d == torch.float64 for d in dtypes) else torch.float32
+# The kernels compute in fp32 for fp32/bf16/fp16 params: a larger value would become inf there.
+_FP32_MAX = 3.4028234663852886e38
 
 
 def check_hyperparameters(lr, momentum, weight_decay, nesterov) -> None:
     """ValueError naming the argument, for values SNGM cannot use."""
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0.0:
-        raise ValueError(f"Invalid lr: {lr!r} (must be a number >= 0)")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0.0 <= lr <= _FP32_MAX:
+        raise ValueError(f"Invalid lr: {lr!r} (must be a finite number >= 0 that fits in float32)")
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"Invalid momentum: {momentum!r} (must lie in [0, 1))")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"Invalid weight_decay: {weight_decay!r} (must be >= 0)")
+    if not 0.0 <= weight_decay <= _FP32_MAX:
+        raise ValueError(
+            f"Invalid weight_decay: {weight_decay!r} (must be a finite number >= 0 that fits in "
+            "float32)"
+        )
     if nesterov and momentum == 0:
         raise ValueError("Invalid nesterov=True with momentum=0: Nesterov needs momentum > 0")

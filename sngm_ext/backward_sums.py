@@ -1,111 +1,137 @@
-"""Phase 1 in the backward pass: each grad's partial sums of squares, taken as its hook moves it in.
+"""Phase 1 in the backward pass: each grad's partial sums of squares, taken while it is in cache.
 
-With ``SNGM(..., norm_in_backward=True)`` the post-accumulate-grad hook that copies a fresh grad
-into its bucket (buckets.py) also runs the backend's ``sumsq`` op over that tensor's chunks, while
-the grad is still in cache, writing the very partials the step's own phase 1 would write: the same
-chunk rows, the same kernel, so the same bits. Where the backend has ``copy_sumsq`` (the C++ CPU
-one) the copy and the sum are one op that sums each chunk right after copying it, from L1/L2.
-When every tensor's partials are fresh the step skips its ``sumsq`` launches and reads grads from
-memory once (the update) instead of twice.
+With ``SNGM(..., norm_in_backward=True)`` a post-accumulate-grad hook on every param runs the
+backend's ``sumsq`` op over that param's rows of the last step's chunk table, on the grad where it
+lies (nothing is copied), writing the very partials the step's own phase 1 would write: the same
+rows, the same kernel, so the same bits. When every tensor of a (group, dtype) list has fresh
+partials the step skips that list's ``sumsq`` and reads its grads once (the update) instead of
+twice.
 
-Whether the partials still describe the buckets is decided from the tensors' version counters,
-which every in-place write through torch bumps (views share their base's counter): the hooks
-record the versions after their own writes, and a step trusts the partials only if nothing else
-wrote to the grads or params since (``clip_grad_norm_``, ``GradScaler.unscale_``, DDP's averaged
-grads, ``zero_grad(set_to_none=False)``, a grad assigned by hand: each of these sends the step
-back to computing phase 1 itself). What the counters cannot see is a write that bypasses them:
-through ``.data`` or by native code outside the dispatcher; that is why the option is opt-in.
+The step trusts a tensor's partials only when it can prove they describe what it is about to
+update: the grad is the very tensor object the hook summed, at the same data pointer and version
+counter (every in-place write through torch bumps it), the group's weight decay and sign are those
+the hook used and, with weight decay, the param's version and pointer are unchanged too. Writers
+that bypass those checks are handled by name:
+
+* ``torch.amp.GradScaler``: its unscale (``_amp_foreach_non_finite_check_and_unscale_``) rewrites
+  grads without a version bump. SNGM takes GradScaler's fused path (``_step_supports_amp_scaling``),
+  so ``scaler.step`` tells it whether the grads are still scaled (then, with no weight decay, the
+  scale cancels exactly and the partials stand) or were unscaled by ``scaler.unscale_`` (then the
+  step sums again). Calling ``scaler.unscale_(opt)`` and then ``opt.step()`` directly, bypassing
+  ``scaler.step``, is the one use of GradScaler this cannot see.
+* ``p.grad.data = t`` and ``Module._apply`` (``model.double()``, ``.to(memory_format=...)``):
+  a new data pointer, dtype or layout; the partials are dropped.
+* ``torch.compile(opt.step)``: the traced step always sums itself (version counters are not
+  something a graph can check).
+
+What no check sees is a write through ``.data`` of an existing grad (``p.grad.data.mul_(2)``) or by
+native code outside the dispatcher between backward and step: that is why the option is opt-in.
 """
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+import weakref
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor
-from torch.autograd.graph import increment_version
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
 
 
 class BackwardSums:
-    """The hooks' side of phase 1 for one bucket: per-tensor chunk tables and freshness."""
+    """The hooks' side of phase 1 for one optimizer."""
 
-    def __init__(self, bucket, sumsq_op, copy_sumsq_op, tables: List[Optional[Tensor]],
-                 first_rows: List[int], partials: Tensor, hyper: Callable[[], Tuple[float, bool]]):
-        self.bucket = bucket
-        self.sumsq = sumsq_op
-        self.copy_sumsq = copy_sumsq_op  # None where the backend has no fused copy
-        self.tables = tables  # per tensor: its rows of the all-present chunk table (None: empty)
-        self.first_rows = first_rows  # per tensor: where its partials start in `partials`
-        self.partials = partials  # the all-present plan's partials (shared by every bucket)
-        self.hyper = hyper  # the bucket's group's (weight_decay, maximize), read at hook time
-        self.reset()
+    def __init__(self, ops, hyper: Callable[[int], Tuple[float, bool]]):
+        self.ops = ops
+        self.hyper = hyper  # group index -> that group's current (weight_decay, maximize)
+        self.handles: Dict[int, object] = {}  # id(param) -> hook handle
+        self.plan = None  # the plan whose partials the hooks write
+        # id(param) -> (group index, its rows of the plan's table with tensor column 0, offset)
+        self.slots: Dict[int, Tuple[int, Optional[Tensor], int]] = {}
+        # id(param) -> (grad, grad version, grad pointer, param version, param pointer, wd, max)
+        self.records: Dict[int, tuple] = {}
+        self.steps = 0  # fused steps taken with the hooks attached
+        self.served = 0  # ... of which took all of phase 1 from the hooks
 
-    def _param_versions(self) -> int:
-        # An adopted param is a view of the bucket by its data only (``p.data = view``): it keeps a
-        # version counter of its own. Counters only grow, so the sum moves iff one of them did.
-        b = self.bucket
-        return b.param._version + sum(p._version for p in b.params)
+    def attach(self, params: Sequence[Tensor]) -> None:
+        ref = weakref.ref(self)
+        for p in params:
+            if p.requires_grad and id(p) not in self.handles:
+                self.handles[id(p)] = p.register_post_accumulate_grad_hook(
+                    lambda p, ref=ref: _hook(ref, p))
 
-    def reset(self) -> None:
-        """A step just ran (or the sums were just attached): nothing fresh, versions as they are."""
-        self.fresh = [n == 0 for n in self.bucket.numels]  # empty tensors have nothing to sum
-        self.broken = False
-        self.used: Optional[Tuple[float, bool]] = None
-        self.expect = self.bucket.grad._version  # p.grad *is* its view: one shared counter
-        self.param_expect = self._param_versions()
+    def detach(self) -> None:
+        for h in self.handles.values():
+            h.remove()
+        self.handles.clear()
+        self.records.clear()
+        self.plan = None
 
-    def _may_sum(self, grad_v: int, writes: int) -> Optional[Tuple[float, bool]]:
-        """The group's (weight_decay, maximize) if tensor k's partials can be taken now, else None
-        (and from then on none until the next step)."""
-        if self.broken or grad_v - writes != self.expect:
-            self.broken = True  # someone else wrote to the grads: the step does phase 1 itself
-            return None
-        hyper = self.hyper()
-        if self.used is None:
-            self.used = hyper
-        elif self.used != hyper:  # weight_decay or maximize changed during backward
-            self.broken = True
-            return None
-        return hyper
-
-    def copy_in(self, k: int, g: Tensor, view: Tensor) -> None:
-        """Move the fresh grad ``g`` into tensor ``k``'s view, summing it on the way where the
-        backend fuses the two (one pass over the grad instead of two)."""
-        table = self.tables[k]
-        if self.copy_sumsq is None or table is None or not g.is_contiguous():
-            view.copy_(g)
-            self.after_write(k, 1)
+    def on_grad(self, p: Tensor) -> None:
+        slot = self.slots.get(id(p))
+        g = p.grad
+        if slot is None or g is None or _compiling():
             return
-        b = self.bucket
-        hyper = self._may_sum(b.grad._version, 0)
-        if hyper is None:
-            view.copy_(g)
-            return
-        self.copy_sumsq(g, b.grad, b.param, table, b.offsets[k], hyper[0], hyper[1], self.partials,
-                        self.first_rows[k])
-        increment_version(b.grad)  # a write like any other: counted as copy_ would count it
-        self.fresh[k] = True
-        self.expect = b.grad._version
-
-    def after_write(self, k: int, writes: int) -> None:
-        """Tensor ``k``'s grad just took ``writes`` in-place writes (1: the hook's copy, or
-        autograd accumulating into the view); sum its chunks if nothing else wrote meanwhile."""
-        grad_v = self.bucket.grad._version
-        hyper = self._may_sum(grad_v, writes)
-        if hyper is None:
-            return
-        table = self.tables[k]
+        gi, table, offset = slot
+        self.records.pop(id(p), None)
+        if (g.layout is not torch.strided or g.dtype is not p.dtype or g.shape != p.shape
+                or not (p.is_contiguous() and g.is_contiguous())):
+            return  # the step walks this one through a copy or refuses it: it sums it itself
+        wd, maximize = self.hyper(gi)
         if table is not None:
-            b = self.bucket
-            self.sumsq(b.param, b.grad, table, hyper[0], hyper[1], self.partials, self.first_rows[k])
-        self.fresh[k] = True
-        self.expect = grad_v  # our op writes partials only
+            with torch.no_grad():
+                self.ops.sumsq([p], [g], table, None, wd, maximize, self.plan.partials, offset)
+        self.records[id(p)] = (g, g._version, g.data_ptr(), p._version, p.data_ptr(), wd, maximize)
 
-    def ready(self, weight_decay: float, maximize: bool) -> bool:
-        """True when every tensor's partials are fresh and describe the bucket as it is now.
+    def fresh_lists(self, plan, lists, groups, grad_scale, kernel_scale, found_inf
+                    ) -> Optional[List[bool]]:
+        """Per list: whether the hooks' partials are provably this step's; None when none can be."""
+        self.steps += 1
+        if plan is not self.plan or _compiling() or kernel_scale is not None:
+            return None  # another layout, a traced step, or grads the kernels must unscale
+        if found_inf is not None and grad_scale is None:
+            return None  # GradScaler.unscale_ rewrote the grads in place (no version bump)
+        records = self.records
+        out = []
+        for lst in lists:
+            wd, maximize = groups[lst.group_index].weight_decay, groups[lst.group_index].maximize
+            ok = True
+            for p, g, n in zip(lst.params, lst.grads, lst.numels):
+                if n == 0:
+                    continue
+                r = records.get(id(p))
+                if (r is None or r[0] is not g or r[1] != g._version or r[2] != g.data_ptr()
+                        or r[5] != wd or r[6] != maximize
+                        or (wd != 0 and (r[3] != p._version or r[4] != p.data_ptr()))):
+                    ok = False
+                    break
+            out.append(ok)
+        self.served += all(out)
+        return out
 
-        Params count only with weight decay (d = g + wd * w), and any write to them since the last
-        step counts, even one before backward: read once per step, not in every hook.
-        """
-        return (not self.broken and all(self.fresh) and self.bucket.grad._version == self.expect
-                and self.used == (weight_decay, maximize)
-                and (weight_decay == 0 or self._param_versions() == self.param_expect))
+    def stepped(self, plan, lists, groups) -> None:
+        """A step ran over ``plan``: the partials are spent; arm the hooks on this layout."""
+        self.records.clear()
+        if plan is self.plan:
+            return
+        self.plan = plan
+        self.slots = {}
+        for li, lst in enumerate(lists):
+            row = 0
+            params = groups[lst.group_index].params
+            for i, n_rows in zip(lst.index, plan.rows[li]):
+                table = None
+                if n_rows:
+                    table = plan.chunks[li][:, row:row + n_rows].clone()
+                    table[0].zero_()  # the hook passes this tensor alone
+                self.slots[id(params[i])] = (lst.group_index, table, plan.partial_offsets[li] + row)
+                row += n_rows
+
+
+def _hook(ref, p: Tensor) -> None:
+    sums = ref()
+    if sums is not None:
+        sums.on_grad(p)

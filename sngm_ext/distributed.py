@@ -31,9 +31,8 @@ phases of the step (``reduce_sumsq`` in :func:`sngm_ext.functional.sngm_groups`)
 no host sync, no per-tensor collective. Every rank then sees the same total, so a non-finite one
 skips the step on every rank. A rank with no grad at all this step still joins the collective.
 
-DTensor params are stepped through their local tensors: the backends see plain tensors, the fused
-ones copy them into their buckets and back (never re-pointing the local tensor, whose storage
-belongs to FSDP2), and the momentum buffer kept in ``state[p]["momentum_buffer"]`` is a DTensor
+DTensor params are stepped through their local tensors: the backends see plain tensors and update
+them in place (FSDP2 keeps owning their storage), and the momentum buffer kept in ``state[p]["momentum_buffer"]`` is a DTensor
 with the param's mesh and placements, so ``torch.distributed.checkpoint`` saves it sharded.
 """
 
@@ -44,7 +43,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._group import TensorGroup, accumulate_dtype
+from ._group import TensorGroup
+from .layout import ACC_DTYPE
 
 __all__ = ["DistPlan", "plan_for", "is_dtensor", "local_tensor"]
 
@@ -68,7 +68,7 @@ def local_tensor(t: Tensor) -> Tensor:
     """The tensor this rank stores for ``t`` (itself unless ``t`` is a DTensor).
 
     ``DTensor._local_tensor`` rather than ``to_local()``: the latter returns a new alias on every
-    call, and the fused backends key their buckets on the identity of the tensors they step.
+    call, and the step compares momentum buffers by identity to know what to store.
     """
     if is_dtensor(t):
         lt = getattr(t, "_local_tensor", None)
@@ -275,7 +275,7 @@ def plan_for(params: Sequence[Tensor], process_group=None) -> Optional[DistPlan]
                 f"{_describe(key0)}, param {i} (shape {tuple(p.shape)}) is {_describe(key)}. "
                 "Shard them all the same way (one fully_shard mesh)"
             )
-    acc = accumulate_dtype([p.dtype for p in params])
+    acc = ACC_DTYPE
     device = local_tensor(params[0]).device if params else _fallback_device(process_group)
     n = len(params)
     if not has_dtensor:  # ZeRO: whole tensors per rank, the total is summed over the group
@@ -292,19 +292,20 @@ def plan_for(params: Sequence[Tensor], process_group=None) -> Optional[DistPlan]
     return DistPlan(groups, True, True, acc, device, n)
 
 
-def segment_order(groups: Sequence[TensorGroup], buckets) -> List[int]:
+def segment_order(groups: Sequence[TensorGroup], fused: bool) -> List[int]:
     """For ``norm="tensor"``: the index, among all params in group order, of the param behind each
     per-tensor sum of squares.
 
-    The reference numbers the params that have a grad in group order; the fused backends in bucket
-    order (one bucket per (group, dtype), ``Bucket.index`` mapping back to the group's list).
+    The reference numbers the params that have a grad in group order; the fused backends number
+    them list by list (one list per (group, dtype), dtypes in order of first appearance: fused.py).
     """
-    offsets, n = [], 0
+    out, offset = [], 0
     for grp in groups:
-        offsets.append(n)
-        n += len(grp.params)
-    if buckets is None:
-        return [offsets[gi] + i for gi, grp in enumerate(groups)
-                for i, g in enumerate(grp.grads) if g is not None]
-    return [offsets[b.group_index] + i for b in buckets.buckets for i in b.index
-            if groups[b.group_index].grads[i] is not None]
+        present = [(i, p.dtype) for i, (p, g) in enumerate(zip(grp.params, grp.grads))
+                   if g is not None]
+        if fused:
+            dtypes = list(dict.fromkeys(d for _, d in present))
+            present = [(i, d) for dt in dtypes for i, d in present if d == dt]
+        out += [offset + i for i, _ in present]
+        offset += len(grp.params)
+    return out

@@ -1,76 +1,176 @@
-"""The two-phase fused step over flat buckets, shared by every kernel backend (Triton, C++, CUDA).
+"""The two-phase fused step over the user's own tensors, shared by every kernel backend.
 
-Launches per step: one ``sumsq`` and one ``update`` per bucket, one ``finalize``: they grow with
-the number of (param group, dtype) pairs, never with the number of tensors.
+Per step: one ``sumsq`` and one ``update`` launch per (param group, dtype) list, one ``finalize``:
+they grow with the number of lists, never with the number of tensors (layout.py). Params, grads
+and momentum are read and written where they live; nothing is re-pointed. A param whose tensors
+the kernels cannot walk in one memory order (non-contiguous, and not one dense layout shared by
+param, grad and momentum) goes through a contiguous copy in and out, that tensor alone.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ._group import TensorGroup
-from ._ops import FusedOps
-from .buckets import BucketSet, Pending
+from .layout import ACC_DTYPE, PlanCache, StepPlan
+
+_CHANNELS_LAST = (torch.channels_last, torch.channels_last_3d)
+
+
+def _one_layout(p: Tensor, g: Tensor, u: Optional[Tensor]) -> bool:
+    """True when p, g (and u) can be walked in memory order as they are: all contiguous, or one
+    dense channels-last layout with identical strides (what conv weights and their grads share)."""
+    if p.is_contiguous() and g.is_contiguous() and (u is None or u.is_contiguous()):
+        return True
+    if p.dim() not in (4, 5):
+        return False
+    fmt = _CHANNELS_LAST[p.dim() - 4]
+    stride = p.stride()
+    return (p.is_contiguous(memory_format=fmt) and g.stride() == stride
+            and (u is None or u.stride() == stride))
+
+
+class StepList:
+    """The present tensors of one (param group, dtype), as the kernels receive them."""
+
+    __slots__ = ("group_index", "params", "grads", "bufs", "numels", "index")
+
+    def __init__(self, group_index: int):
+        self.group_index = group_index
+        self.params: List[Tensor] = []
+        self.grads: List[Tensor] = []
+        self.bufs: List[Tensor] = []
+        self.numels: List[int] = []
+        self.index: List[int] = []  # position of each tensor in its group's param list
+
+
+def collect_lists(groups: Sequence[TensorGroup]):
+    """Check this step's tensors and sort them into kernel lists; writes nothing a caller can see.
+
+    Returns ``(lists, copies, device)``: ``copies`` are (user tensor, contiguous stand-in) pairs to
+    copy back after the update. Entries of ``momentum_buffers`` that are None (momentum != 0), or
+    of another dtype or device than their param (after ``model.double()`` or ``.to()``), are
+    replaced by the buffers to keep.
+    """
+    lists: List[StepList] = []
+    copies: List[tuple] = []
+    device = None
+    for gi, grp in enumerate(groups):
+        has_mom = grp.momentum != 0
+        by_dtype = {}
+        bufs = grp.momentum_buffers
+        for i, (p, g) in enumerate(zip(grp.params, grp.grads)):
+            if g is None:
+                continue
+            if g.layout is not torch.strided:
+                raise RuntimeError("SNGM does not support sparse gradients")
+            if g.shape != p.shape or g.dtype is not p.dtype or g.device != p.device:
+                raise ValueError(
+                    f"SNGM: a param of shape {tuple(p.shape)}, {p.dtype} on {p.device} has a grad "
+                    f"of shape {tuple(g.shape)}, {g.dtype} on {g.device}"
+                )
+            if device is None:
+                device = p.device
+            elif p.device != device:
+                raise ValueError(f"SNGM needs every param on one device, got {device} and {p.device}")
+            u = None
+            if has_mom:
+                u = bufs[i]
+                if u is None:
+                    u = bufs[i] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                elif u.dtype is not p.dtype or u.device != p.device:
+                    if u.shape != p.shape:
+                        raise ValueError(f"SNGM: a momentum buffer of shape {tuple(u.shape)} for "
+                                         f"a param of shape {tuple(p.shape)}")
+                    u = bufs[i] = u.to(device=p.device, dtype=p.dtype)
+                elif u.shape != p.shape:
+                    raise ValueError(f"SNGM: a momentum buffer of shape {tuple(u.shape)} for a "
+                                     f"param of shape {tuple(p.shape)}")
+            lst = by_dtype.get(p.dtype)
+            if lst is None:
+                lst = by_dtype[p.dtype] = StepList(gi)
+                lists.append(lst)
+            if not _one_layout(p, g, u):
+                pc = p.contiguous()
+                if pc is not p:
+                    copies.append((p, pc))
+                g = g.contiguous()
+                if u is not None and not u.is_contiguous():
+                    uc = u.contiguous()
+                    copies.append((u, uc))
+                    u = uc
+                p = pc
+            lst.params.append(p)
+            lst.grads.append(g)
+            if u is not None:
+                lst.bufs.append(u)
+            lst.numels.append(p.numel())
+            lst.index.append(i)
+    return lists, copies, device
+
+
+def plan_for(plans: PlanCache, lists: Sequence[StepList], per_tensor: bool,
+             device: torch.device) -> StepPlan:
+    """The (cached) tables of these lists: keyed by group, dtype and sizes, never by pointers."""
+    key = (per_tensor, device, tuple((lst.group_index, lst.params[0].dtype, tuple(lst.numels))
+                                     for lst in lists))
+    return plans.get(key, [lst.numels for lst in lists], per_tensor, device)
 
 
 def fused_step(
-    buckets: BucketSet,
     groups: Sequence[TensorGroup],
-    ops: FusedOps,
+    ops,
     *,
     per_tensor: bool,
     skipped_steps: Tensor,
+    plans: PlanCache,
     reduce_sumsq: Optional[Callable[[Tensor], None]] = None,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    device: Optional[torch.device] = None,
+    backward_sums=None,
 ) -> Tensor:
-    """One SNGM step of ``groups`` through ``buckets`` (built over the same groups' params).
+    """One SNGM step of ``groups`` through ``ops`` (a backend's FusedOps); returns the norm.
 
-    On return the entries of ``groups[g].grads`` / ``.momentum_buffers`` are the tensors the caller
-    should keep (views of the buckets where the param is one), as torch.optim's functional API
-    hands back new momentum buffers in its list. ``reduce_sumsq`` (an in-place all-reduce, say)
-    sees the sums of squares between the two phases.
+    ``reduce_sumsq`` (an in-place all-reduce, say) sees the sums of squares between the phases.
+    ``grad_scale`` / ``found_inf``: GradScaler's tensors (the grads are still scaled; a found inf
+    skips the step on the device). ``backward_sums`` (backward_sums.py) may hold this step's
+    partials already, summed by the grad hooks during backward.
     """
-    pending = Pending()
-    presents = [b.sync(groups[b.group_index], pending) for b in buckets.buckets]
-    pending.apply()  # every bucket checked: now write
+    lists, copies, found_device = collect_lists(groups)
+    device = found_device or device or torch.device("cpu")
+    plan = plan_for(plans, lists, per_tensor, device)
 
-    plan = buckets.plan(presents, per_tensor)
-    sumsq = torch.empty(plan.n_sumsq, dtype=plan.acc_dtype, device=buckets.device)
-    launched = 0
-    for b, chunks, off in zip(buckets.buckets, plan.chunks, plan.partial_offsets):
-        if chunks is not None:
-            grp = groups[b.group_index]
-            if plan.full and b.sums is not None and b.sums.ready(grp.weight_decay, grp.maximize):
-                continue  # the grad hooks wrote these partials during backward (backward_sums.py)
-            ops.sumsq(b.param, b.grad, chunks, grp.weight_decay, grp.maximize, plan.partials, off)
-            launched += 1
-    buckets.steps += 1
-    buckets.sums_steps += plan.full and launched == 0 and buckets.sums_backend is not None
-    ops.finalize(plan.partials, plan.seg_ptr, sumsq)
+    # With no weight decay anywhere the step does not depend on the grads' scale: a GradScaler's
+    # power-of-two scale then cancels exactly, and the kernels need not unscale at all.
+    kernel_scale = grad_scale
+    if grad_scale is not None and all(groups[lst.group_index].weight_decay == 0 for lst in lists):
+        kernel_scale = None
+    fresh = backward_sums.fresh_lists(plan, lists, groups, grad_scale, kernel_scale, found_inf) \
+        if backward_sums is not None else None
+    for li, lst in enumerate(lists):
+        if fresh is not None and fresh[li]:
+            continue  # the grad hooks wrote these partials during backward
+        grp = groups[lst.group_index]
+        ops.sumsq(lst.params, lst.grads, plan.chunks[li], kernel_scale, grp.weight_decay,
+                  grp.maximize, plan.partials, plan.partial_offsets[li])
+    sumsq = torch.empty(plan.n_sumsq, dtype=ACC_DTYPE, device=device)
+    ops.finalize(plan.partials, plan.seg_ptr, found_inf, sumsq)
     if reduce_sumsq is not None:
         reduce_sumsq(sumsq)
-    for b, chunks in zip(buckets.buckets, plan.chunks):
-        if chunks is not None:
-            grp = groups[b.group_index]
-            mom = b.momentum if grp.momentum != 0 else None
-            ops.update(
-                b.param, b.grad, mom, chunks, sumsq, grp.lr, grp.momentum, grp.weight_decay,
-                grp.nesterov, grp.maximize,
-            )
-
-    pending = Pending()
-    for b, present in zip(buckets.buckets, presents):
-        b.write_back(present, pending)
-    pending.apply()
-    for b in buckets.buckets:
-        if b.sums is not None:
-            b.sums.reset()  # the next backward's hooks start over
-    return finish_norm(sumsq[0], skipped_steps)
-
-
-def finish_norm(total_sumsq: Tensor, skipped_steps: Tensor) -> Tensor:
-    """The global norm from the global sum of squares, counting a non-finite one as skipped."""
-    skipped_steps.add_((~torch.isfinite(total_sumsq)).to(skipped_steps.dtype))
-    return total_sumsq.sqrt()
+    for li, lst in enumerate(lists):
+        grp = groups[lst.group_index]
+        ops.update(lst.params, lst.grads, lst.bufs, plan.chunks[li], sumsq, kernel_scale,
+                   grp.lr, grp.momentum, grp.weight_decay, grp.nesterov, grp.maximize)
+    if copies:
+        torch._foreach_copy_([c[0] for c in copies], [c[1] for c in copies])
+    if backward_sums is not None:
+        backward_sums.stepped(plan, lists, groups)
+    skipped_steps.add_((~torch.isfinite(sumsq[0])).to(skipped_steps.dtype))
+    norm = sumsq[0].sqrt()
+    if grad_scale is not None and kernel_scale is None:
+        norm = norm / grad_scale.to(ACC_DTYPE)  # the norm of the unscaled gradient
+    return norm

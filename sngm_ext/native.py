@@ -1,7 +1,7 @@
 """The C++/CUDA extension (csrc/): find it or build it on first use, load it, hand out its ops.
 
 ``load_ops("cpu")`` / ``load_ops("cuda")`` return the :class:`~sngm_ext._ops.FusedOps` of the
-``sngm_native`` ops, or raise :class:`~sngm_ext.functional.BackendUnavailable` saying why not.
+``sngm_native`` ops, or raise :class:`~sngm_ext.backends.BackendUnavailable` saying why not.
 Nothing happens at import; the first call per process does, in this order:
 
 1. A module built ahead of time by ``pip install`` (setup.py): ``sngm_ext._C_<cap>`` for the best
@@ -30,14 +30,14 @@ from typing import Dict, List, Optional
 import torch
 
 from . import _native_build as nb
-from ._ops import FusedOps, register_native_fakes
+from ._ops import FusedOps
 
 _lock = threading.RLock()
 _state: Dict[str, object] = {}  # "cpu" / "cuda" -> info dict, or the BackendUnavailable raised
 
 
 def _unavailable(msg: str) -> Exception:
-    from .functional import BackendUnavailable
+    from .backends import BackendUnavailable
 
     return BackendUnavailable(msg)
 
@@ -51,11 +51,8 @@ def load_ops(device_type: str) -> FusedOps:
     if device_type not in ("cpu", "cuda"):
         raise _unavailable(f"the native extension has no kernels for {device_type} tensors")
     with _lock:
-        _ensure("cpu")  # the CPU module also holds the op schemas the CUDA module registers into
-        if device_type == "cuda":
-            _ensure("cuda")
-    register_native_fakes()
-    return FusedOps("sngm_native", copy_sumsq=device_type == "cpu")
+        _ensure(device_type)  # the schemas are _ops.py's: each module only registers kernels
+    return FusedOps("sngm_native")
 
 
 def info() -> Dict[str, object]:
@@ -67,7 +64,7 @@ def info() -> Dict[str, object]:
 
 
 def _ensure(part: str) -> None:
-    from .functional import BackendUnavailable
+    from .backends import BackendUnavailable
 
     st = _state.get(part)
     if isinstance(st, Exception):

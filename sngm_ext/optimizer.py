@@ -9,8 +9,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._group import TensorGroup, check_hyperparameters
-from .buckets import BucketSet, LayoutChanged, owns_storage
-from .functional import BACKENDS, _check_norm, resolve_backend, sngm_groups
+from .backends import BACKENDS, resolve_backend
+from .functional import _check_norm, sngm_groups
+from .layout import PlanCache
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Keys torch.optim.SGD keeps in its param groups that SNGM has no use for: written into
@@ -47,14 +48,15 @@ class SNGM(Optimizer):
         backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cpu"`` or ``"cuda"``
             (see :mod:`sngm_ext.functional`).
         norm_in_backward: compute each grad's share of the norm (phase 1 of the fused step) in
-            the backward pass, as the grad hook moves it into its bucket while it is still in
-            cache; the step then reads the grads once instead of twice. Results are bitwise the
-            same. The step checks tensor version counters and computes the norm itself whenever
-            grads or params were written after backward (``clip_grad_norm_``,
-            ``GradScaler.unscale_``, DDP, ``zero_grad(set_to_none=False)``, a grad set by hand), so
-            it is exact with those too; what it cannot see is a write that bypasses the counters
-            (through ``.data``, or by native code outside the dispatcher) between backward and
-            step: do not turn it on where such writes happen. Needs a fused backend.
+            the backward pass, in a grad hook while the grad is still in cache; the step then
+            reads the grads once instead of twice. Results are bitwise the same. The step
+            computes the norm itself whenever grads or params were written after backward
+            (``clip_grad_norm_``, ``GradScaler.unscale_``, DDP, ``zero_grad(set_to_none=False)``,
+            ``p.grad.data = ...``, ``model.double()``), so it is exact with those too; what it
+            cannot see is an in-place write through ``.data`` of an existing grad, or by native
+            code outside the dispatcher, between backward and step, and ``scaler.unscale_(opt)``
+            followed by ``opt.step()`` without ``scaler.step`` (see :mod:`sngm_ext.backward_sums`).
+            Needs a fused backend.
         process_group: the group to sum the squared norm over when each rank steps only part of
             the params and it cannot be inferred: ``ZeroRedundancyOptimizer`` (bind it with
             ``functools.partial(SNGM, process_group=pg)``, see :mod:`sngm_ext.distributed`).
@@ -65,6 +67,8 @@ class SNGM(Optimizer):
     it is the only thing that would sync. ``state_dict()`` keeps torch.optim.SGD's format
     (``state[i]["momentum_buffer"]``), so checkpoints move between SGD and SNGM both ways.
     """
+
+    _step_supports_amp_scaling = True  # GradScaler hands step() grad_scale and found_inf
 
     def __init__(
         self,
@@ -97,37 +101,53 @@ class SNGM(Optimizer):
         self.process_group = process_group
         self._dist = None  # distributed.DistPlan of the current params, None when single-process
         self._dist_key: Optional[tuple] = None
+        self._plans = PlanCache()  # chunk tables, by layout (layout.py)
+        self._sums = None  # backward_sums.BackwardSums under norm_in_backward
+        if self.norm_in_backward:
+            from .backward_sums import BackwardSums
+
+            self._sums = BackwardSums(None, self._group_sums_hyper)
         super().__init__(params, defaults)
         self.grad_norm: Optional[Tensor] = None
         self._skipped: Optional[Tensor] = None
-        self._buckets: Optional[BucketSet] = None
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """torch.optim.Optimizer's, refusing (and leaving the optimizer as it was) a group with a
+        bad hyper-parameter, an unsupported param, a param already given, or a second device."""
+        n_groups = len(self.param_groups)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        check_hyperparameters(group["lr"], group["momentum"], group["weight_decay"],
-                              group["nesterov"])
-        devices = {p.device for g in self.param_groups for p in g["params"]}
-        for p in group["params"]:
-            self._check_param(p)
-        if len(devices) > 1:
-            self.param_groups.pop()
-            raise ValueError(
-                f"SNGM needs every param on one device (one global norm), got {sorted(map(str, devices))}"
-            )
-        try:  # params on mixed process groups are refused here rather than at the first step
-            self._dist_plan()
-        except ValueError:
-            self.param_groups.pop()
+        try:
+            check_hyperparameters(group["lr"], group["momentum"], group["weight_decay"],
+                                  group["nesterov"])
+            seen = set()
+            for g in self.param_groups:
+                for p in g["params"]:
+                    if id(p) in seen:
+                        raise ValueError(
+                            f"SNGM: a param of shape {tuple(p.shape)} is given twice; each param "
+                            "may appear once, in one group (it would be stepped twice)"
+                        )
+                    seen.add(id(p))
+            for p in group["params"]:
+                self._check_param(p)
+            devices = {p.device for g in self.param_groups for p in g["params"]}
+            if len(devices) > 1:
+                raise ValueError("SNGM needs every param on one device (one global norm), got "
+                                 f"{sorted(map(str, devices))}")
+            self._dist_plan()  # params on mixed process groups are refused here, not at a step
+        except Exception:
+            del self.param_groups[n_groups:]
             raise
+        if self._sums is not None:
+            self._sums.attach(group["params"])
 
     def _params_signature(self):
-        return BucketSet.signature_of([g["params"] for g in self.param_groups])
+        return tuple(tuple(id(p) for p in g["params"]) for g in self.param_groups)
 
     def _dist_plan(self, signature=None):
         """What the step reduces across ranks (distributed.py); None for plain tensors and no
-        ``process_group`` (single process, DDP), where nothing is. ``signature``: the params'
-        (``_params_signature()``), when the caller has it already."""
+        ``process_group`` (single process, DDP), where nothing is."""
         key = (id(self.process_group), signature or self._params_signature())
         if key != self._dist_key:
             from .distributed import plan_for
@@ -137,37 +157,9 @@ class SNGM(Optimizer):
             self._dist_key = key
         return self._dist
 
-    def _rebuild(self, params, adopt: bool) -> BucketSet:
-        if self._buckets is not None:
-            self._buckets.release()  # the old buckets' grad hooks go with them
-        return BucketSet.build(params, adopt=adopt)
-
     def _group_sums_hyper(self, group_index: int):
         group = self.param_groups[group_index]
         return float(group["weight_decay"]), bool(group["maximize"])
-
-    def _attach_backward_sums(self, buckets: BucketSet, name: str, ops) -> None:
-        if self.norm_in_backward and ops is not None:
-            buckets.attach_backward_sums(name, ops.sumsq, ops.copy_sumsq, self._group_sums_hyper)
-        elif buckets.sums_backend is not None:
-            buckets.detach_backward_sums()
-
-    def _bucket_params(self, dist_plan) -> List[List[Tensor]]:
-        if dist_plan is not None and dist_plan.dtensor:
-            from .distributed import local_tensor
-
-            return [[local_tensor(p) for p in g["params"]] for g in self.param_groups]
-        return [g["params"] for g in self.param_groups]
-
-    def _reducer(self, dist_plan, groups, buckets):
-        if dist_plan is None:
-            return None
-        order = None
-        if self.norm == "tensor" and dist_plan.per_tensor_reduce:
-            from .distributed import segment_order
-
-            order = segment_order(groups, buckets)
-        return dist_plan.reducer(self.norm, order)
 
     @staticmethod
     def _check_param(p: Tensor) -> None:
@@ -185,9 +177,8 @@ class SNGM(Optimizer):
     def _collect(self) -> List[TensorGroup]:
         """This step's tensors per group (grads None for params sitting out); changes nothing.
 
-        Per-param checks live where they are cheap: dtype and complexity at add_param_group, sparse
-        grads and moved params when a grad or param is not the bucket's view (buckets.py), device
-        changes through the buckets' layout check.
+        Dtype and complexity are checked at add_param_group; sparse grads, shapes and devices by
+        the functional step, before it writes anything.
         """
         groups = []
         state = self.state
@@ -214,54 +205,54 @@ class SNGM(Optimizer):
             return self._dist.device
         return torch.device("cpu")
 
+    def _reducer(self, dist_plan, groups, fused: bool):
+        if dist_plan is None:
+            return None
+        order = None
+        if self.norm == "tensor" and dist_plan.per_tensor_reduce:
+            from .distributed import segment_order
+
+            order = segment_order(groups, fused)
+        return dist_plan.reducer(self.norm, order)
+
     @torch.no_grad()
     def step(self, closure=None):
+        """One SNGM step (see the class docstring). Under ``torch.amp.GradScaler``, ``scaler.step``
+        hands the step its ``grad_scale`` and ``found_inf`` tensors (``_step_supports_amp_scaling``):
+        the kernels unscale on the fly and a found inf skips the step on the device."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         groups = self._collect()
-        signature = self._params_signature()  # one walk over the params serves both checks
-        dist_plan = self._dist_plan(signature)
-        # DTensor params (FSDP2) are stepped through their local shards
+        dist_plan = self._dist_plan()
+        if dist_plan is None and all(g is None for grp in groups for g in grp.grads):
+            return loss  # nothing to step, on any device (meta params included)
         dtensor = dist_plan is not None and dist_plan.dtensor
-        run = dist_plan.localize(groups) if dtensor else groups
+        run = dist_plan.localize(groups) if dtensor else groups  # FSDP2: the local shards
         device = self._device()
+        if dtensor:
+            device = dist_plan.device
         name, ops = resolve_backend(self.backend, device)
         if self._skipped is None or self._skipped.device != device:
             prev = self._skipped
             self._skipped = torch.zeros((), dtype=torch.int64, device=device)
             if prev is not None:
                 self._skipped.copy_(prev)
-        before = [(list(g.grads), list(g.momentum_buffers)) for g in groups]
-        buckets = None
-        if name != "reference":
-            # Local shards of DTensor params are never re-pointed (FSDP2 owns their storage).
-            all_params = self._bucket_params(dist_plan)
-            if dtensor:  # buckets hold the local shards: their identities are what must match
-                signature = BucketSet.signature_of(all_params)
-            if self._buckets is None or self._buckets.signature != signature:
-                self._buckets = self._rebuild(all_params, adopt=not dtensor)
-            buckets = self._buckets
-            if not dtensor:  # FSDP2's shards have no grad hooks
-                self._attach_backward_sums(buckets, name, ops)
-        try:
-            grad_norm = sngm_groups(run, norm=self.norm, backend=self.backend,
-                                    skipped_steps=self._skipped, buckets=buckets,
-                                    reduce_sumsq=self._reducer(dist_plan, run, buckets))
-        except LayoutChanged:  # a param moved, changed dtype or shape: rebuild, nothing was written
-            self._buckets = self._rebuild(self._bucket_params(dist_plan), adopt=not dtensor)
-            if not dtensor:
-                self._attach_backward_sums(self._buckets, name, ops)
-            groups = self._collect()  # sync may have pointed entries at the old buckets' views
-            run = dist_plan.localize(groups) if dtensor else groups
-            grad_norm = sngm_groups(run, norm=self.norm, backend=self.backend,
-                                    skipped_steps=self._skipped, buckets=self._buckets,
-                                    reduce_sumsq=self._reducer(dist_plan, run, self._buckets))
+        sums = None
+        if self._sums is not None and not dtensor and name != "reference":
+            sums = self._sums
+            sums.ops = ops
+        before = [list(g.momentum_buffers) for g in run]
+        grad_norm = sngm_groups(
+            run, norm=self.norm, backend=self.backend, skipped_steps=self._skipped,
+            reduce_sumsq=self._reducer(dist_plan, run, name != "reference"),
+            grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
+            plans=self._plans, backward_sums=sums,
+        )
         state = self.state
-        for grp, rgrp, (old_grads, old_bufs) in zip(groups, run, before):
-            for p, g, buf, old_g, old_buf in zip(grp.params, rgrp.grads, rgrp.momentum_buffers,
-                                                 old_grads, old_bufs):
+        for grp, rgrp, old_bufs in zip(groups, run, before):
+            for p, g, buf, old_buf in zip(grp.params, rgrp.grads, rgrp.momentum_buffers, old_bufs):
                 if g is None:
                     continue
                 if dtensor:  # grads stay FSDP's; momentum is a DTensor laid out like the param
@@ -270,10 +261,8 @@ class SNGM(Optimizer):
                     if st.get("momentum_buffer", 0) is not buf:
                         st["momentum_buffer"] = buf
                     continue
-                # Identity compares against what _collect read: in a steady loop nothing below
-                # runs, and no tensor is hashed (Tensor.__hash__ is Python code).
-                if g is not old_g and owns_storage(old_g):  # the grad now lives in the bucket
-                    p.grad = g  # (one that is a view of someone's buffer, DDP's, stays theirs)
+                # An identity compare: in a steady loop nothing is stored and no tensor is hashed
+                # (Tensor.__hash__ is Python code).
                 if buf is not old_buf or (buf is None and p not in state):
                     state[p]["momentum_buffer"] = buf
         self.grad_norm = grad_norm

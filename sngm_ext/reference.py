@@ -1,17 +1,21 @@
 """Pure-PyTorch SNGM, one tensor at a time: the readable oracle every other backend is held to.
 
-The update (DESIGN.md, Algorithm 1 of the paper plus PyTorch's extras), per param ``i`` with a grad:
+The update (Algorithm 1 of the paper plus PyTorch's extras), per param ``i`` with a grad:
 
-    d_i = (maximize ? -g_i : g_i) + weight_decay * w_i
+    d_i = (maximize ? -g_i : g_i) / grad_scale + weight_decay * w_i
     n   = sqrt(sum_i ||d_i||^2)                  # ONE norm over every param of every group
     u_i = momentum * u_i + d_i / n               # d_i / n := 0 when n == 0
     w_i = w_i - lr * u_i                         # nesterov: w_i - lr * (d_i / n + momentum * u_i)
 
 With ``norm="tensor"`` each param uses its own ``n_i = ||d_i||`` (the block-wise variant of the
-paper's Section 6). When the global sum of squares is not finite nothing is written.
+paper's Section 6). When the global sum of squares is not finite, or GradScaler's ``found_inf`` is
+set, nothing is written.
 
-Maths runs in fp32 (fp64 for fp64 params) and is rounded once to the param's dtype. No host sync:
-the finite check is a device-side ``torch.where``.
+``d`` is computed in fp32 (fp64 for fp64 params). Squares are summed in fp64, and ``d / n`` is
+``d * (1 / n)`` taken in fp64 and rounded once to the compute dtype: no finite fp32, bf16 or fp16
+gradient overflows or underflows the norm, whatever its scale. Momentum and param maths run in the
+compute dtype and are rounded once to the param's dtype. No host sync: the finite check is a
+device-side ``torch.where``.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._group import TensorGroup, accumulate_dtype, compute_dtype, present
+from ._group import TensorGroup, compute_dtype, present
 
 
-def _direction(grad: Tensor, param: Tensor, weight_decay: float, maximize: bool) -> Tensor:
+def _direction(grad: Tensor, param: Tensor, weight_decay: float, maximize: bool,
+               grad_scale: Optional[Tensor]) -> Tensor:
     ct = compute_dtype(param.dtype)
     d = grad.to(ct)
+    if grad_scale is not None:
+        d = d * (1.0 / grad_scale.float()).to(ct)
     if maximize:
         d = -d
     if weight_decay != 0:
@@ -44,22 +51,26 @@ def sngm_reference(
     norm: str = "global",
     skipped_steps: Optional[Tensor] = None,
     reduce_sumsq: Optional[Callable[[Tensor], None]] = None,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
 ) -> Tensor:
-    """Apply one SNGM step in place; returns the global gradient norm (0-dim, on device).
+    """Apply one SNGM step in place; returns the global gradient norm (fp64 0-dim, on device).
 
-    ``reduce_sumsq`` sees the sums of squares, [total] or [total, one per tensor], before they are
-    used (fused.py hands the same vector to the same hook).
+    ``reduce_sumsq`` sees the fp64 sums of squares, [total] or [total, one per tensor], before they
+    are used (the fused backends hand the same vector to the same hook). ``skipped_steps`` (int64
+    0-dim) grows by one when the step is skipped.
     """
-    from .fused import finish_norm
-
     ds: List[List[Tuple[int, Tensor]]] = [
-        [(i, _direction(g, p, grp.weight_decay, grp.maximize)) for i, p, g in present(grp)]
+        [(i, _direction(g, p, grp.weight_decay, grp.maximize, grad_scale))
+         for i, p, g in present(grp)]
         for grp in groups
     ]
     flat = [d for dl in ds for _, d in dl]
-    acc = accumulate_dtype([d.dtype for d in flat])
-    sq = [d.square().sum().to(acc) for d in flat]
-    total = torch.stack(sq).sum() if sq else torch.zeros((), dtype=acc, device=_device_of(groups))
+    device = _device_of(groups)
+    sq = [d.double().square().sum() for d in flat]
+    total = torch.stack(sq).sum() if sq else torch.zeros((), dtype=torch.float64, device=device)
+    if found_inf is not None:
+        total = torch.where(found_inf.to(device) != 0, float("inf"), total)
     sumsq = torch.stack([total] + (sq if norm == "tensor" else []))
     if reduce_sumsq is not None:
         reduce_sumsq(sumsq)
@@ -69,8 +80,8 @@ def sngm_reference(
     for grp, dl in zip(groups, ds):
         for i, d in dl:
             k += 1
-            n = sumsq[k if norm == "tensor" else 0].sqrt()
-            nd = d * _safe_inverse(n).to(d.dtype)
+            inv = _safe_inverse(sumsq[k if norm == "tensor" else 0].sqrt())
+            nd = (d.double() * inv).to(d.dtype)
             p, buf = grp.params[i], grp.momentum_buffers[i]
             if grp.momentum != 0:
                 u = grp.momentum * buf.to(d.dtype) + nd
@@ -80,9 +91,9 @@ def sngm_reference(
                 step = nd
             w = p.to(d.dtype) - grp.lr * step
             p.copy_(torch.where(finite, w.to(p.dtype), p))
-    if skipped_steps is None:
-        return sumsq[0].sqrt()
-    return finish_norm(sumsq[0], skipped_steps)
+    if skipped_steps is not None:
+        skipped_steps.add_((~finite).to(skipped_steps.dtype))
+    return sumsq[0].sqrt()
 
 
 def _device_of(groups: Sequence[TensorGroup]) -> torch.device:

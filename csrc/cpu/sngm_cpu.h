@@ -1,4 +1,5 @@
-// Entry points of the CPU kernels (sngm_cpu.cpp), registered by ../bindings/ops.cpp.
+// Entry points of the CPU kernels (sngm_cpu.cpp), registered by ../bindings/ops.cpp for the
+// schemas sngm_ext/_ops.py defines (docs/ops.md is the contract).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -9,21 +10,17 @@
 namespace sngm {
 namespace cpu {
 
-void sumsq(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& chunks,
-           double weight_decay, bool maximize, const at::Tensor& partials, int64_t partial_offset);
+void sumsq(at::TensorList params, at::TensorList grads, const at::Tensor& chunks,
+           const std::optional<at::Tensor>& grad_scale, double weight_decay, bool maximize,
+           const at::Tensor& partials, int64_t partial_offset);
 
-// sumsq with the grad's segment first copied in from src (a grad hook's fresh grad), chunk by
-// chunk, so the sum reads it from cache: registered for CPU only.
-void copy_sumsq(const at::Tensor& src, const at::Tensor& grad, const at::Tensor& param,
-                const at::Tensor& chunks, int64_t segment_offset, double weight_decay,
-                bool maximize, const at::Tensor& partials, int64_t partial_offset);
+void finalize(const at::Tensor& partials, const at::Tensor& seg_ptr,
+              const std::optional<at::Tensor>& found_inf, const at::Tensor& sumsq);
 
-void finalize(const at::Tensor& partials, const at::Tensor& seg_ptr, const at::Tensor& sumsq);
-
-void update(const at::Tensor& param, const at::Tensor& grad,
-            const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& chunks,
-            const at::Tensor& sumsq, double lr, double momentum, double weight_decay,
-            bool nesterov, bool maximize);
+void update(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+            const at::Tensor& chunks, const at::Tensor& sumsq,
+            const std::optional<at::Tensor>& grad_scale, double lr, double momentum,
+            double weight_decay, bool nesterov, bool maximize);
 
 const char* capability();  // the CPU_CAPABILITY this module was compiled for
 int vector_bytes();        // bytes of an at::vec::Vectorized<float>

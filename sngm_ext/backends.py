@@ -1,0 +1,95 @@
+"""Which implementation of the fused step runs on which device, and why not: a leaf module.
+
+Backends: ``"reference"`` (pure PyTorch, per tensor, any device), ``"triton"`` (fused Triton
+kernels; CUDA, or CPU tensors under ``TRITON_INTERPRET=1``), ``"cpu"`` / ``"cuda"`` (the C++/CUDA
+extension), ``"auto"`` (the fastest one that runs on the params' device; it warns once when it has
+to fall back). An explicit backend that cannot run raises :class:`BackendUnavailable` saying why.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional, Tuple
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton", "cpu", "cuda")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here; the message says why and what would fix it."""
+
+
+def _triton_ops(device: torch.device):
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"):
+            raise BackendUnavailable(
+                "backend 'triton' on CPU tensors runs only in Triton's interpreter: set "
+                "TRITON_INTERPRET=1 before importing sngm_ext (or use backend='cpu'/'reference')"
+            )
+    elif device.type != "cuda":
+        raise BackendUnavailable(f"backend 'triton' supports CUDA tensors, not {device.type}")
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        raise BackendUnavailable(f"backend 'triton' needs the triton package ({e})") from e
+    from ._ops import FusedOps
+
+    return FusedOps("sngm_triton")
+
+
+def _native_ops(device: torch.device):
+    if device.type not in ("cpu", "cuda"):
+        raise BackendUnavailable(f"the native extension has no kernels for {device.type}")
+    try:
+        from .native import load_ops
+    except ImportError as e:
+        raise BackendUnavailable(f"sngm_ext was installed without its native layer ({e})") from e
+    return load_ops(device.type)  # raises BackendUnavailable with the build's error
+
+
+_warned: set = set()
+_cache: dict = {}
+
+
+def resolve_backend(backend: str, device: torch.device) -> Tuple[str, Optional[object]]:
+    """(name, fused ops or None for the reference) of ``backend`` for tensors on ``device``."""
+    key = (backend, device.type, os.environ.get("TRITON_INTERPRET"))
+    hit = _cache.get(key)
+    if hit is not None:
+        return hit
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        out = ("reference", None)
+    elif backend == "triton":
+        out = ("triton", _triton_ops(device))
+    elif backend in ("cpu", "cuda"):
+        if device.type != backend:
+            raise BackendUnavailable(f"backend {backend!r} cannot run on {device.type} tensors")
+        out = (backend, _native_ops(device))
+    else:
+        out = _auto(device)
+    _cache[key] = out
+    return out
+
+
+def _auto(device: torch.device):
+    preferred = {"cuda": ["cuda", "triton"], "cpu": ["cpu"]}.get(device.type, [])
+    reasons = []
+    for name in preferred:
+        try:
+            ops = _triton_ops(device) if name == "triton" else _native_ops(device)
+            return name, ops
+        except BackendUnavailable as e:
+            reasons.append(f"{name}: {e}")
+    if preferred and device.type not in _warned:
+        _warned.add(device.type)
+        warnings.warn(
+            "sngm_ext: backend='auto' falls back to the slow 'reference' backend on "
+            f"{device.type} ({'; '.join(reasons)})",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return "reference", None
