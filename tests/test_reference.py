@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from oracle import Oracle
-from scenarios import CONFIGS, assert_close, grads_for, group_split, make_params
+from scenarios import CONFIGS, grads_for, make_params, split
 from sngm_ext import SNGM
 
 
@@ -16,11 +16,11 @@ from sngm_ext import SNGM
 def test_reference_matches_float64_algorithm_1(dtype, config):
     cfg = CONFIGS[config]
     params = make_params(dtype)
-    split = group_split(params)
-    groups = [dict(params=ps, **h) for ps, h in zip(split, cfg["groups"])]
-    opt = SNGM(groups, backend="reference", norm=cfg["norm"])
+    parts = split(params, len(cfg["groups"]))
+    groups = [dict(params=ps, **h) for ps, h in zip(parts, cfg["groups"])]
+    opt = SNGM(groups, lr=0.1, backend="reference", norm=cfg["norm"])
     idx, k = [], 0
-    for ps in split:
+    for ps in parts:
         idx.append(list(range(k, k + len(ps))))
         k += len(ps)
     oracle = Oracle([p.detach().double().numpy() for p in params],
@@ -32,11 +32,20 @@ def test_reference_matches_float64_algorithm_1(dtype, config):
         opt.step()
         n = oracle.step([None if g is None else g.double().numpy() for g in grads], cfg["norm"])
         assert opt.grad_norm.item() == pytest.approx(n, rel=64 * torch.finfo(dtype).eps)
+    # The reference rounds every operation to `dtype` (fp32 or fp64) where the oracle is exact:
+    # a few ulps per step, at the tensor's scale.
+    tol = 64 * torch.finfo(dtype).eps
     for i, p in enumerate(params):
-        assert_close(p, torch.from_numpy(np.asarray(oracle.w[i])).to(dtype), dtype, f"param {i}")
-        if cfg["groups"][0 if i < 3 else 1].get("momentum", 0.9) != 0 and p.numel():
-            assert_close(opt.state[p]["momentum_buffer"], torch.from_numpy(np.asarray(oracle.u[i])).to(dtype),
-                         dtype, f"momentum {i}")
+        w = torch.from_numpy(np.asarray(oracle.w[i]))
+        torch.testing.assert_close(p.detach().double(), w, rtol=tol, atol=tol * _amax(w))
+        buf = opt.state[p].get("momentum_buffer") if p in opt.state else None
+        if buf is not None and p.numel():
+            u = torch.from_numpy(np.asarray(oracle.u[i]))
+            torch.testing.assert_close(buf.double(), u, rtol=tol, atol=tol * _amax(u))
+
+
+def _amax(t):
+    return t.abs().max().item() if t.numel() else 0.0
 
 
 def test_lemma_2_step_is_bounded(backend):
