@@ -1,6 +1,7 @@
 """``SNGM(norm_in_backward=True)``: phase 1 taken in the grad hooks must give the very bits of the
-step's own phase 1, be used only when the version counters say nothing else wrote since, and leave
-phase 1 to the step in every other case (sngm_ext/backward_sums.py)."""
+step's own phase 1, be used only when it provably describes the tensors the step updates, and leave
+phase 1 to the step in every other case (sngm_ext/backward_sums.py). Every writer is the real one:
+GradScaler, clip_grad_norm_, Module._apply, torch.compile."""
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ def step_sumsq(monkeypatch):
     calls = []
     real = fused.fused_step
 
-    def counting_step(buckets, groups, ops, **kw):
+    def counting_step(groups, ops, **kw):
         class Counting:
             finalize, update = ops.finalize, ops.update
 
@@ -40,7 +41,7 @@ def step_sumsq(monkeypatch):
                 return ops.sumsq(*args)
 
         calls.append(0)
-        return real(buckets, groups, Counting, **kw)
+        return real(groups, Counting, **kw)
 
     monkeypatch.setattr(fused, "fused_step", counting_step)  # looked up per call
     return calls
@@ -76,8 +77,8 @@ def _assert_same(a, b):
 @pytest.mark.parametrize("norm", ["global", "tensor"])
 def test_bitwise_the_same_as_phase_one_in_the_step(fused_backend, step_sumsq, dtype, norm):
     on = _train(fused_backend, True, dtype=dtype, norm=norm)
-    # the first step builds the buckets (and hooks); from then on the step leaves phase 1 out
-    assert step_sumsq == [2, 0, 0, 0]  # two param groups: two buckets
+    # the first step arms the hooks on its layout; from then on the step leaves phase 1 out
+    assert step_sumsq == [2, 0, 0, 0]  # two param groups: two lists
     del step_sumsq[:]
     off = _train(fused_backend, False, dtype=dtype, norm=norm)
     assert step_sumsq == [2, 2, 2, 2]
@@ -92,10 +93,6 @@ def test_gradient_accumulation_sums_again_after_each_backward(fused_backend, ste
 
 def _clip(m, opt, t):
     torch.nn.utils.clip_grad_norm_(m.parameters(), 0.01)
-
-
-def _scale(m, opt, t):  # what GradScaler.unscale_ does: grads rescaled in place
-    torch._foreach_mul_([p.grad for p in m.parameters()], 0.5)
 
 
 def _one_scaled(m, opt, t):
@@ -116,21 +113,27 @@ def _param_moved(m, opt, t):
         m[0].weight.add_(0.01)
 
 
-@pytest.mark.parametrize("between", [_clip, _scale, _one_scaled, _grad_by_hand,
-                                     _weight_decay_changed, _param_moved], ids=lambda f: f.__name__)
+def _grad_data_repointed(m, opt, t):  # what Module._apply does: no version bump
+    for p in m.parameters():
+        p.grad.data = p.grad.data * 1.5
+
+
+@pytest.mark.parametrize("between", [_clip, _one_scaled, _grad_by_hand, _weight_decay_changed,
+                                     _param_moved, _grad_data_repointed], ids=lambda f: f.__name__)
 def test_writes_after_backward_send_phase_one_back_to_the_step(fused_backend, step_sumsq, between):
     on = _train(fused_backend, True, between=between)
     assert step_sumsq[1:] and all(n >= 1 for n in step_sumsq[1:])
     _assert_same(on, _train(fused_backend, False, between=between))
 
 
-def test_zero_grad_in_place_and_none_grads_fall_back(fused_backend, step_sumsq):
+def test_zero_grad_in_place_and_none_grads(fused_backend, step_sumsq):
     on = _train(fused_backend, True, set_to_none=False)
-    assert step_sumsq == [2, 2, 2, 2]  # zero_() writes every grad before backward
+    # zero_() writes before backward; autograd then accumulates in place and the hook sums after
+    assert step_sumsq == [2, 0, 0, 0]
     _assert_same(on, _train(fused_backend, False, set_to_none=False))
     del step_sumsq[:]
     on = _train(fused_backend, True, unused=True)
-    assert step_sumsq == [2, 2, 2, 2]  # a None grad: not the layout the hooks sum for
+    assert step_sumsq == [2, 0, 0, 0]  # a param that never has a grad is simply not in the lists
     _assert_same(on, _train(fused_backend, False, unused=True))
 
 
@@ -139,21 +142,106 @@ def test_only_with_a_fused_backend():
         SNGM(_model().parameters(), backend="reference", norm_in_backward=True)
 
 
-def test_the_cpu_backend_copies_and_sums_in_one_pass(fused_backend):
-    """Where the backend has copy_sumsq (the C++ CPU one), the hooks use it; elsewhere a copy and
-    a sumsq (the bitwise tests above cover both)."""
+def test_hooks_sum_grads_where_they_lie(fused_backend):
+    """No copy: after backward each p.grad is autograd's own tensor, and the step was served."""
     m = _model()
     opt = SNGM(m.parameters(), lr=0.05, backend=fused_backend, norm_in_backward=True)
-    _loss(m, 0, torch.float32).backward()
-    opt.step()
-    sums = opt._buckets.buckets[0].sums
-    fused = sums.copy_sumsq is not None
-    assert fused == (fused_backend == "cpu")
-    calls = []
-    if fused:
-        real = sums.copy_sumsq
-        sums.copy_sumsq = lambda *a: (calls.append(a[4]), real(*a))
-    opt.zero_grad()
-    _loss(m, 1, torch.float32).backward()
-    assert all(sums.fresh)
-    assert sorted(calls) == (sorted(opt._buckets.buckets[0].offsets) if fused else [])
+    for t in range(3):
+        opt.zero_grad()
+        _loss(m, t, torch.float32).backward()
+        grads = {p: (p.grad, p.grad.data_ptr()) for p in m.parameters()}
+        opt.step()
+        assert all(p.grad is g and p.grad.data_ptr() == ptr for p, (g, ptr) in grads.items())
+    assert opt._sums.steps == 3 and opt._sums.served == 2
+
+
+# ---------------------------------------------------------------- the real GradScaler
+
+
+def _train_amp(backend, flag, weight_decay, unscale=False, inf_at=None, steps=5, scaler=True):
+    m = _model()
+    opt = SNGM(m.parameters(), lr=0.05, momentum=0.9, weight_decay=weight_decay, backend=backend,
+               norm_in_backward=flag)
+    sc = torch.amp.GradScaler("cpu", init_scale=2.0**12) if scaler else None
+    norms = []
+    for t in range(steps):
+        opt.zero_grad()
+        loss = _loss(m, t, torch.float32)
+        if t == inf_at:
+            loss = loss * float("inf")  # every grad non-finite
+        if sc is None:
+            loss.backward()
+            opt.step()
+        else:
+            sc.scale(loss).backward()
+            if unscale:
+                sc.unscale_(opt)  # rewrites the grads in place, no version bump
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 1e9)  # clips nothing
+            sc.step(opt)
+            sc.update()
+        norms.append(opt.grad_norm.clone())
+    return [p.detach().clone() for p in m.parameters()], norms, opt, sc
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+@pytest.mark.parametrize("unscale", [False, True])
+def test_real_grad_scaler(fused_backend, step_sumsq, weight_decay, unscale):
+    """GradScaler's fused path: the same bits as without norm_in_backward, the hooks used only
+    where the scale provably cancels (no weight decay, grads still scaled), and an inf step
+    skipped on the device; the result is the unscaled run's (a power-of-two scale cancels)."""
+    on, on_norms, opt, sc = _train_amp(fused_backend, True, weight_decay, unscale, inf_at=2)
+    served = step_sumsq[1:]
+    del step_sumsq[:]
+    off, off_norms, _, _ = _train_amp(fused_backend, False, weight_decay, unscale, inf_at=2)
+    _assert_same(on + on_norms[:2] + on_norms[3:], off + off_norms[:2] + off_norms[3:])
+    assert opt.skipped_steps.item() == 1 and sc.get_scale() == 2.0**12 * 0.5
+    if weight_decay == 0 and not unscale:
+        assert served == [0, 0, 0, 0]  # the inf step too: found_inf skips it on the device
+    else:
+        assert all(n == 1 for n in served)
+    # against a run without GradScaler that skips the same step by hand
+    ref, ref_norms, _, _ = _train_amp(fused_backend, False, weight_decay, inf_at=2, scaler=False)
+    for x, y in zip(on, ref):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.stack(on_norms[3:]), torch.stack(ref_norms[3:]), rtol=1e-6,
+                               atol=0.0)
+
+
+# ---------------------------------------------------------------- Module._apply, torch.compile
+
+
+def test_model_double_after_steps(fused_backend, step_sumsq):
+    """model.double() between steps: momentum follows the params' dtype, the hooks' fp32 layout
+    is dropped, and the result is the run without norm_in_backward."""
+    def go(flag):
+        m = _model()
+        opt = SNGM(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3,
+                   backend=fused_backend, norm_in_backward=flag)
+        for t in range(4):
+            if t == 2:
+                m.double()
+            opt.zero_grad()
+            _loss(m, t, torch.float64 if t >= 2 else torch.float32).backward()
+            opt.step()
+        assert all(opt.state[p]["momentum_buffer"].dtype == torch.float64 for p in m.parameters())
+        return [p.detach().clone() for p in m.parameters()]
+    on = go(True)
+    assert step_sumsq == [1, 0, 1, 0]
+    _assert_same(on, go(False))
+
+
+def test_compiled_step(fused_backend):
+    """torch.compile(opt.step): traced through the ops' fake kernels; the traced step sums phase
+    1 itself, and equals the eager step without norm_in_backward."""
+    def go(flag, compiled):
+        m = _model()
+        opt = SNGM(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3,
+                   backend=fused_backend, norm_in_backward=flag)
+        step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
+        for t in range(3):
+            opt.zero_grad()
+            _loss(m, t, torch.float32).backward()
+            step()
+        return [p.detach().clone() for p in m.parameters()]
+    torch._dynamo.reset()
+    _assert_same(go(True, True), go(False, False))

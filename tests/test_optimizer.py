@@ -9,8 +9,15 @@ import pytest
 import torch
 
 import sngm_ext
-from scenarios import assert_close
 from sngm_ext import SNGM
+
+
+def assert_close(actual, expected, dtype):
+    """Close to a reference run of the same training: a few ulps at the tensor's scale (both
+    compute every element alike; only the norm's summation order differs, scenarios.py)."""
+    tol = 16 * torch.finfo(dtype).eps
+    scale = expected.detach().abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual.detach(), expected.detach(), rtol=tol, atol=tol * scale)
 
 
 def model(seed=0, dtype=torch.float32):
@@ -250,7 +257,8 @@ def test_sgd_checkpoint_with_dampening_is_refused():
 
 
 def test_zero_grad_modes_params_reassigned_and_grads_replaced(backend):
-    """Whatever breaks the bucket views, the result is the reference's."""
+    """zero_grad in both modes, ``p.data = ...``, grads replaced by new tensors: the result is the
+    reference's."""
 
     def drive(be):
         m = model()
@@ -260,7 +268,7 @@ def test_zero_grad_modes_params_reassigned_and_grads_replaced(backend):
         m.zero_grad()
         train(m, opt, 1, start=4)
         first = next(m.parameters())
-        first.data = first.detach().clone() * 0.5  # p.data = ... moves it off its view
+        first.data = first.detach().clone() * 0.5  # p.data = ... gives the param new memory
         train(m, opt, 1, start=5, set_to_none=False)
         for p in m.parameters():  # grads replaced by new tensors
             p.grad = torch.ones_like(p)
@@ -331,51 +339,6 @@ def test_functional_entry_point(backend):
         assert_close(a, b, torch.float32)
     with pytest.raises(ValueError, match="lr"):
         sngm_ext.sngm(ps, gs, bufs, lr=-1.0)
-
-
-def test_backward_moves_fresh_grads_into_the_buckets(fused_backend):
-    """After the first step, backward itself leaves each grad in its bucket view (no gather)."""
-    m = model()
-    ref = model()
-    opt = SNGM(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, backend=fused_backend)
-    ref_opt = SNGM(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, backend="reference")
-    for s in range(4):
-        for mm, oo in ((m, opt), (ref, ref_opt)):
-            oo.zero_grad()  # set_to_none=True: autograd allocates fresh grads
-            for micro in range(2):  # gradient accumulation lands in the views in place
-                x, y = batch(10 * s + micro)
-                torch.nn.functional.cross_entropy(mm(x), y).backward()
-        if s > 0:
-            for p in m.parameters():
-                b = next(b for b in opt._buckets.buckets if any(q is p for q in b.params))
-                k = next(k for k, q in enumerate(b.params) if q is p)
-                assert p.grad is b.grad_views[k]
-        opt.step()
-        ref_opt.step()
-    for p, q in zip(m.parameters(), ref.parameters()):
-        assert_close(p, q, torch.float32)
-
-
-def test_grad_hooks_step_aside_when_another_owner_repoints_grads(fused_backend):
-    m = model()
-    ref = model()
-    opt = SNGM(m.parameters(), lr=0.1, backend=fused_backend)
-    ref_opt = SNGM(ref.parameters(), lr=0.1, backend="reference")
-    # Like DDP's gradient_as_bucket_view: after accumulation p.grad is pointed elsewhere.
-    elsewhere = {p: torch.zeros_like(p) for p in m.parameters()}
-
-    def repoint(p):
-        elsewhere[p].copy_(p.grad)
-        p.grad = elsewhere[p]
-
-    train(m, opt, 1)
-    for p in m.parameters():
-        p.register_post_accumulate_grad_hook(repoint)
-    train(m, opt, 3, start=1)
-    train(ref, ref_opt, 4)
-    assert all(h is None for b in opt._buckets.buckets for h in b.hooks)
-    for p, q in zip(m.parameters(), ref.parameters()):
-        assert_close(p, q, torch.float32)
 
 
 def test_functional_refuses_params_on_several_devices(backend):
