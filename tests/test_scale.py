@@ -1,0 +1,80 @@
+"""The norm neither overflows nor underflows for any finite fp32, bf16 or fp16 gradient: squares
+are summed in fp64 and d / n is taken in fp64 (``torch.linalg.vector_norm`` in fp32 fails every
+case below). With weight decay 0 the step does not depend on the gradient's scale at all."""
+
+import math
+
+import pytest
+import torch
+
+from sngm_ext import SNGM
+
+
+def _step(backend, grads, dtype, momentum=0.9, lr=0.1):
+    ps = [torch.nn.Parameter(torch.zeros(g.shape, dtype=dtype)) for g in grads]
+    opt = SNGM(ps, lr=lr, momentum=momentum, backend=backend)
+    for p, g in zip(ps, grads):
+        p.grad = g.to(dtype)
+    opt.step()
+    return [p.detach().double() for p in ps], opt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_huge_grads_do_not_overflow(backend, dtype):
+    """[1e20, -1e20] (its fp32 sum of squares overflows): a normal step of length lr."""
+    (w,), opt = _step(backend, [torch.tensor([1e20, -1e20])], dtype)
+    assert opt.skipped_steps.item() == 0
+    torch.testing.assert_close(opt.grad_norm, torch.tensor(math.sqrt(2) * 1e20, dtype=torch.float64),
+                               rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=0)
+    torch.testing.assert_close(w, torch.tensor([-0.1, 0.1], dtype=torch.float64) / math.sqrt(2),
+                               rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_largest_finite_grads(backend, dtype):
+    """fp32's largest finite value in every element: still a step (1/n lies below fp32's normal
+    range there, which is why d / n is taken in fp64)."""
+    big = torch.finfo(dtype).max
+    (w,), opt = _step(backend, [torch.full((1000,), big)], dtype)
+    assert opt.skipped_steps.item() == 0
+    torch.testing.assert_close(w, torch.full((1000,), -0.1 / math.sqrt(1000), dtype=torch.float64),
+                               rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_tiny_grads_do_not_underflow(backend, dtype):
+    """1000 elements of the dtype's smallest subnormal (fp32: squares of 1e-23 underflow to 0 in
+    fp32): a full step, not a zero norm."""
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps  # the smallest subnormal
+    (w,), opt = _step(backend, [torch.full((1000,), tiny)], dtype)
+    assert opt.grad_norm.item() > 0
+    torch.testing.assert_close(w, torch.full((1000,), -0.1 / math.sqrt(1000), dtype=torch.float64),
+                               rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=0)
+
+
+def test_lemma_2_holds_for_mixed_tiny_grads(backend):
+    """[1e-21] + 10^6 x [2.5e-23], momentum 0: the step is lr long (an fp32 sum of squares keeps
+    only the first square and moved the params 25 lr, breaking Lemma 2's bound)."""
+    grads = [torch.tensor([1e-21]), torch.full((10**6,), 2.5e-23)]
+    ws, opt = _step(backend, grads, torch.float32, momentum=0.0)
+    length = torch.cat([w.flatten() for w in ws]).norm().item()
+    assert length == pytest.approx(0.1, rel=1e-5)
+    assert opt.grad_norm.item() == pytest.approx(math.sqrt(1e-42 + 1e6 * 6.25e-46), rel=1e-6)
+
+
+@pytest.mark.parametrize("scale", [2.0**-100, 2.0**-60, 1.0, 2.0**60, 2.0**100])
+def test_scale_invariant_without_weight_decay(backend, scale):
+    """Grads times a power of two from 2^-100 to 2^100: bitwise the same params and momentum."""
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(s, generator=g) for s in [(4097,), (33, 17), ()]]
+    outs = []
+    for sc in (1.0, scale):
+        ps = [torch.nn.Parameter(torch.ones(b.shape)) for b in base]
+        opt = SNGM(ps, lr=0.1, momentum=0.9, nesterov=True, backend=backend)
+        for _ in range(2):
+            for p, b in zip(ps, base):
+                p.grad = b * sc
+            opt.step()
+        outs.append([p.detach().clone() for p in ps] + [opt.state[p]["momentum_buffer"] for p in ps])
+    for x, y in zip(*outs):
+        assert torch.equal(x, y)
