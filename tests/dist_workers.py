@@ -236,6 +236,13 @@ def ddp_norm_in_backward(backend):
 
 
 @scenario
+def ddp_bucket_view_norm_in_backward(backend):
+    """gradient_as_bucket_view with the grad hooks: DDP all-reduces its buckets (the grads' bases)
+    after the hooks summed each rank's own grads; the step must normalize the averaged grads."""
+    _ddp_run(backend, gradient_as_bucket_view=True, sngm_kwargs=dict(norm_in_backward=True))
+
+
+@scenario
 def ddp_find_unused_no_sync(backend):
     """find_unused_parameters: a param without a grad sits out; no_sync: accumulation."""
     _ddp_run(backend, unused=True, accumulate=True, find_unused_parameters=True)

@@ -1,5 +1,6 @@
-"""The CUDA sources compile for sm_80/sm_90, without spills, with 128-bit accesses, and link against
-torch 2.14.1 (CUDA 13) and nvcc 13: checked without a GPU (scripts/cuda_compile_check.py).
+"""The CUDA sources compile for sm_80/sm_90, without spills, with 128-bit accesses to global memory
+(never generic ones), and link against torch 2.14.1 (CUDA 13) and nvcc 13: checked without a GPU
+(scripts/cuda_compile_check.py).
 
 Needs nvcc and an unpacked CUDA torch (``pip install --no-deps --target
 ~/.cache/sngm_ext/torch-2.14.1-cuda torch==2.14.1``, or $SNGM_TORCH_CUDA_TREE): skipped without
@@ -55,6 +56,8 @@ def test_every_kernel_is_built_for_both_archs_without_spills(report):
             assert any(k.startswith(f"{kind}:{sm}:") for k in kernels), (kind, sm)
     # 4 dtypes x (no momentum, momentum, nesterov) x (wd, no wd) update kernels per arch
     assert sum(k.startswith("update_kernel:sm_90:") for k in kernels) == 24
+    # 4 dtypes x (wd, no wd) sumsq kernels per arch
+    assert sum(k.startswith("sumsq_kernel:sm_90:") for k in kernels) == 8
     spills = {k: v for k, v in kernels.items() if v["spill_stores"] or v["spill_loads"]}
     assert not spills, spills
 
@@ -68,6 +71,9 @@ def test_streaming_kernels_use_128_bit_accesses(report):
     for name, v in ptx.items():
         if "sumsq_kernel" in name:
             assert v["load128"] >= 1, (name, v)
+        # the pointers come from the device table: every access must still say .global
+        if "sumsq_kernel" in name or "update_kernel" in name:
+            assert v["generic"] == 0, (name, v)
 
 
 def test_ptx_parser_tells_vector_from_scalar_accesses():
@@ -76,14 +82,20 @@ def test_ptx_parser_tells_vector_from_scalar_accesses():
 {
 \tld.global.nc.v4.u32 \t{%r1, %r2, %r3, %r4}, [%rd1];
 \tld.global.v2.f64 \t{%fd1, %fd2}, [%rd2];
-\tst.global.v4.u32 \t[%rd3], {%r1, %r2, %r3, %r4};
+\tst.global.wb.v4.u32 \t[%rd3], {%r1, %r2, %r3, %r4};
+\tld.param.u64 \t%rd4, [p0];
+\tst.shared.f64 \t[%r5], %fd3;
 }
 .visible .entry _Z12sumsq_kernelv(
 {
 \tld.global.f32 \t%f1, [%rd1];
 \tld.global.v2.f32 \t{%f1, %f2}, [%rd1];
+\tld.v4.u32 \t{%r1, %r2, %r3, %r4}, [%rd2];
+\t@%p1 st.f32 \t[%rd3], %f1;
+\tld.volatile.u16 \t%rs1, [%rd4];
 }
 """
     r = ccc.ptx_report(ptx)
-    assert r["_Z13update_kernelv"] == {"load128": 2, "store128": 1}
-    assert r["_Z12sumsq_kernelv"] == {"load128": 0, "store128": 0}  # 32 and 64 bits only
+    assert r["_Z13update_kernelv"] == {"load128": 2, "store128": 1, "generic": 0}
+    # 32 and 64 bits, or generic (no .global): none counts as a 128-bit global access
+    assert r["_Z12sumsq_kernelv"] == {"load128": 0, "store128": 0, "generic": 3}

@@ -28,6 +28,7 @@ SCENARIOS = {
     "ddp_bucket_view_static_graph": (2,),
     "ddp_find_unused_no_sync": (2,),
     "ddp_norm_in_backward": (2,),
+    "ddp_bucket_view_norm_in_backward": (2,),
     "fsdp": (2, 3),
     "fsdp_tensor_norm": (2, 3),
     "hsdp_mesh": (2,),
@@ -41,13 +42,13 @@ SCENARIOS = {
 }
 # Triton's interpreter costs about a second per scenario and rank: it runs the scenarios where its
 # kernels meet distributed data (shards, a reduced norm) at 2 ranks; the fused path around them
-# (buckets, copies of shards, DTensor state) is the native cpu backend's too, which runs them all.
+# (tensor lists, DTensor state) is the native cpu backend's too, which runs them all.
 TRITON = {"ddp", "fsdp", "fsdp_tensor_norm", "fsdp_nan_on_one_rank_skips_everywhere", "zero",
           "dtensor_uneven_presence_tensor_norm"}
 
 
 # Scenarios of an option only the fused backends have.
-FUSED_ONLY = {"ddp_norm_in_backward"}
+FUSED_ONLY = {"ddp_norm_in_backward", "ddp_bucket_view_norm_in_backward"}
 
 
 def _runs_for(name, world, backend):

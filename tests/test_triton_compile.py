@@ -1,5 +1,5 @@
-"""The Triton kernels compile for real GPUs (sm_80, sm_90), stream with 128-bit accesses on a chunk's
-vector path, keep its scalar path scalar, and round every operation once, correctly.
+"""The Triton kernels compile for real GPUs (sm_80, sm_90), stream with 128-bit accesses on a
+chunk's vector path, keep its scalar path scalar, and round every operation once, correctly.
 
 The interpreter accepts code the compiler rejects, so this compiles ahead of time with no GPU
 (scripts/triton_aot_check.py, in a subprocess without TRITON_INTERPRET) and reads the PTX and
