@@ -1,15 +1,13 @@
-"""What SNGM's backward hooks cost and save in a whole training step (CPU or GPU).
+"""Whole training iterations: SNGM against torch.optim.SGD, with the cost moved into backward
+counted (CPU or GPU).
 
 A training iteration (zero_grad(set_to_none=True), forward, backward, step) for torch.optim.SGD
 (fused and foreach), for SNGM in plain ``_foreach`` ops (foreach_sngm.py: what a user could write)
-and for sngm_ext's SNGM three ways:
+and for sngm_ext's SNGM two ways:
 
-    sngm gather            hooks off: fresh grads stay where autograd put them, the step copies
-                           them into the bucket (phase 1 then reads them again)
-    sngm hooks             the default: a post-accumulate-grad hook moves each fresh grad into the
-                           bucket during backward; the step runs both phases
-    sngm norm in backward  ``norm_in_backward=True``: the hook also sums the squares of the grad it
-                           just copied (in cache); the step runs the update only
+    sngm                   the default: the step runs both phases over the user's tensors
+    sngm norm in backward  ``norm_in_backward=True``: a post-accumulate-grad hook sums the squares
+                           of each fresh grad where it lies (in cache); the step runs the update
 
 Forward+backward and the step are timed apart (interleaved rounds, medians), so the table shows
 where each variant spends its time as well as the whole iteration.
@@ -91,8 +89,7 @@ def main(argv=None):
         variants[name] = (m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=wd, **kw))
     m = make()
     variants["sngm foreach"] = (m, ForeachSNGM(m.parameters(), lr=0.01, momentum=0.9, weight_decay=wd))
-    for name, kw in (("sngm gather", {}), ("sngm hooks", {}),
-                     ("sngm norm in backward", dict(norm_in_backward=True))):
+    for name, kw in (("sngm", {}), ("sngm norm in backward", dict(norm_in_backward=True))):
         m = make()
         variants[name] = (m, SNGM(m.parameters(), lr=0.01, momentum=0.9, weight_decay=wd, **kw))
 
@@ -111,8 +108,6 @@ def main(argv=None):
         opt.step()
         sync()
         t2 = time.perf_counter()
-        if name == "sngm gather" and opt._buckets is not None:
-            opt._buckets.release()  # no hooks: the next step gathers the grads
         return t1 - t0, t2 - t1
 
     for name in variants:
@@ -146,8 +141,8 @@ def main(argv=None):
                        step_ratio=b / base_step)
         print(f"{k:22s} {a:10.2f} {b:9.2f} {whole[k]:9.2f} {whole[k] / base:17.2f}x {b / base_step:16.2f}x")
     nib = variants["sngm norm in backward"][1]
-    print(f"norm in backward: the step used the hooks' sums in {nib._buckets.sums_steps} of "
-          f"{nib._buckets.steps} steps")
+    print(f"norm in backward: the step used the hooks' sums in {nib._sums.served} of "
+          f"{nib._sums.steps} steps")
     if args.json:
         out = dict(what=head, best_sgd=best_sgd, variants=rows, args=vars(args),
                    machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",

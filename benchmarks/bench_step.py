@@ -31,7 +31,7 @@ Bytes model (bytes per param element of the params' dtype, s bytes each): what t
 GB/s = bytes / median step time; "of copy" divides that by the bandwidth of dst.copy_(src)
 on 256 MiB (GPU: 512 MiB) buffers, 2 x size bytes, timed as one more case in the same interleaved
 rounds as the set (so it sees the same machine state). Extra memory: bytes of the tensors the optimizer holds
-beyond the params and the grads the params point at (momentum, flat buckets, partial sums).
+beyond the params and the grads the params point at (momentum, chunk tables, partial sums).
 
 Results: a table on stdout (progress on stderr), and under --out (benchmarks/results/ by default)
 step_<cpu|gpu>[_full][_t<threads>]_<date>.json / .png / .md plus latest_<cpu|gpu>.json / .png / .md.
@@ -250,16 +250,14 @@ def _tensors_in(obj, out: List[torch.Tensor], depth: int = 0) -> None:
 
 
 def held_tensors(opt: torch.optim.Optimizer) -> List[torch.Tensor]:
-    """Tensors an optimizer keeps between steps (its state, and sngm_ext's flat buckets)."""
+    """Tensors an optimizer keeps between steps (its state, and sngm_ext's chunk tables)."""
     out: List[torch.Tensor] = []
     _tensors_in(list(opt.state.values()), out)
     for attr in ("grad_norm", "_skipped"):
         _tensors_in(getattr(opt, attr, None), out)
-    bs = getattr(opt, "_buckets", None)
-    if bs is not None:
-        for b in getattr(bs, "buckets", []):
-            _tensors_in([getattr(b, k, None) for k in ("param", "grad", "momentum")], out)
-        for plan in getattr(bs, "plans", {}).values():
+    plans = getattr(opt, "_plans", None)
+    if plans is not None:
+        for plan in plans.plans.values():
             _tensors_in([getattr(plan, k, None) for k in ("chunks", "partials", "seg_ptr")], out)
     return out
 
@@ -372,7 +370,7 @@ def measure_set(pset: ParamSet, device: torch.device, specs: Sequence[VariantSpe
         try:
             b = wl.build(spec)
             progress.update(f"{label} warm-up {spec.name}")
-            times = []  # the first step builds state (momentum, buckets): never an estimate
+            times = []  # the first step builds state (momentum, tables): never an estimate
             while len(times) < settings.warmup:
                 if b.before:
                     b.before()

@@ -21,16 +21,35 @@ _CHANNELS_LAST = (torch.channels_last, torch.channels_last_3d)
 
 
 def _one_layout(p: Tensor, g: Tensor, u: Optional[Tensor]) -> bool:
-    """True when p, g (and u) can be walked in memory order as they are: all contiguous, or one
-    dense channels-last layout with identical strides (what conv weights and their grads share)."""
-    if p.is_contiguous() and g.is_contiguous() and (u is None or u.is_contiguous()):
-        return True
+    """True when p, g (and u), not all contiguous, can still be walked in memory order as they
+    are: one dense channels-last layout with identical strides (conv weights and their grads)."""
     if p.dim() not in (4, 5):
         return False
     fmt = _CHANNELS_LAST[p.dim() - 4]
     stride = p.stride()
     return (p.is_contiguous(memory_format=fmt) and g.stride() == stride
             and (u is None or u.stride() == stride))
+
+
+def _check_grad(p: Tensor, g: Tensor) -> None:
+    if g.layout is not torch.strided:
+        raise RuntimeError("SNGM does not support sparse gradients")
+    if g.shape != p.shape or g.dtype is not p.dtype or g.device != p.device:
+        raise ValueError(
+            f"SNGM: a param of shape {tuple(p.shape)}, {p.dtype} on {p.device} has a grad of "
+            f"shape {tuple(g.shape)}, {g.dtype} on {g.device}"
+        )
+
+
+def _buffer_for(p: Tensor, u: Optional[Tensor]) -> Tensor:
+    """p's momentum buffer: a new one, or ``u`` moved to p's dtype and device (after
+    ``model.double()`` or ``.to()``: what load_state_dict does with state too)."""
+    if u is None:
+        return torch.zeros_like(p, memory_format=torch.preserve_format)
+    if u.shape != p.shape:
+        raise ValueError(f"SNGM: a momentum buffer of shape {tuple(u.shape)} for a param of "
+                         f"shape {tuple(p.shape)}")
+    return u.to(device=p.device, dtype=p.dtype)
 
 
 class StepList:
@@ -52,57 +71,58 @@ def collect_lists(groups: Sequence[TensorGroup]):
 
     Returns ``(lists, copies, device)``: ``copies`` are (user tensor, contiguous stand-in) pairs to
     copy back after the update. Entries of ``momentum_buffers`` that are None (momentum != 0), or
-    of another dtype or device than their param (after ``model.double()`` or ``.to()``), are
-    replaced by the buffers to keep.
+    of another dtype or device than their param, are replaced by the buffers to keep.
+
+    This runs for every tensor on every step, so the common case (a dense grad of the param's
+    dtype, everything contiguous) costs a handful of attribute reads; whatever is unusual takes
+    the slow checks. The native ops check dtypes, sizes and layouts again in C++.
     """
     lists: List[StepList] = []
     copies: List[tuple] = []
     device = None
+    strided = torch.strided
     for gi, grp in enumerate(groups):
         has_mom = grp.momentum != 0
         by_dtype = {}
         bufs = grp.momentum_buffers
+        lst = None
+        last_dtype = None
         for i, (p, g) in enumerate(zip(grp.params, grp.grads)):
             if g is None:
                 continue
-            if g.layout is not torch.strided:
-                raise RuntimeError("SNGM does not support sparse gradients")
-            if g.shape != p.shape or g.dtype is not p.dtype or g.device != p.device:
-                raise ValueError(
-                    f"SNGM: a param of shape {tuple(p.shape)}, {p.dtype} on {p.device} has a grad "
-                    f"of shape {tuple(g.shape)}, {g.dtype} on {g.device}"
-                )
+            dt = p.dtype
+            if g.dtype is not dt or g.layout is not strided:
+                _check_grad(p, g)
             if device is None:
                 device = p.device
-            elif p.device != device:
-                raise ValueError(f"SNGM needs every param on one device, got {device} and {p.device}")
+                _check_grad(p, g)
             u = None
             if has_mom:
                 u = bufs[i]
-                if u is None:
-                    u = bufs[i] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                elif u.dtype is not p.dtype or u.device != p.device:
-                    if u.shape != p.shape:
-                        raise ValueError(f"SNGM: a momentum buffer of shape {tuple(u.shape)} for "
-                                         f"a param of shape {tuple(p.shape)}")
-                    u = bufs[i] = u.to(device=p.device, dtype=p.dtype)
-                elif u.shape != p.shape:
-                    raise ValueError(f"SNGM: a momentum buffer of shape {tuple(u.shape)} for a "
-                                     f"param of shape {tuple(p.shape)}")
-            lst = by_dtype.get(p.dtype)
-            if lst is None:
-                lst = by_dtype[p.dtype] = StepList(gi)
-                lists.append(lst)
-            if not _one_layout(p, g, u):
-                pc = p.contiguous()
-                if pc is not p:
-                    copies.append((p, pc))
-                g = g.contiguous()
-                if u is not None and not u.is_contiguous():
-                    uc = u.contiguous()
-                    copies.append((u, uc))
-                    u = uc
-                p = pc
+                if u is None or u.dtype is not dt or u.device != device:
+                    _check_grad(p, g)
+                    u = bufs[i] = _buffer_for(p, u)
+            if dt is not last_dtype:
+                lst = by_dtype.get(dt)
+                if lst is None:
+                    lst = by_dtype[dt] = StepList(gi)
+                    lists.append(lst)
+                last_dtype = dt
+            if not (p.is_contiguous() and g.is_contiguous() and (u is None or u.is_contiguous())):
+                _check_grad(p, g)
+                if p.device != device:
+                    raise ValueError(
+                        f"SNGM needs every param on one device, got {device} and {p.device}")
+                if not _one_layout(p, g, u):
+                    pc = p.contiguous()
+                    if pc is not p:
+                        copies.append((p, pc))
+                    g = g.contiguous()
+                    if u is not None and not u.is_contiguous():
+                        uc = u.contiguous()
+                        copies.append((u, uc))
+                        u = uc
+                    p = pc
             lst.params.append(p)
             lst.grads.append(g)
             if u is not None:

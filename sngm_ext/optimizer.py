@@ -19,10 +19,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _SGD_ONLY_KEYS = {"dampening": 0, "foreach": None, "differentiable": False, "fused": None}
 
 
-def _buffer(param_state):
-    return None if param_state is None else param_state.get("momentum_buffer")
-
-
 class SNGM(Optimizer):
     r"""Stochastic normalized gradient descent with momentum (Zhao et al., Algorithm 1).
 
@@ -143,7 +139,7 @@ class SNGM(Optimizer):
             self._sums.attach(group["params"])
 
     def _params_signature(self):
-        return tuple(tuple(id(p) for p in g["params"]) for g in self.param_groups)
+        return tuple(tuple(map(id, g["params"])) for g in self.param_groups)
 
     def _dist_plan(self, signature=None):
         """What the step reduces across ranks (distributed.py); None for plain tensors and no
@@ -187,8 +183,9 @@ class SNGM(Optimizer):
                                   group["nesterov"])
             params = group["params"]
             grads = [p.grad for p in params]
-            if group["momentum"]:
-                bufs = [_buffer(state.get(p)) for p in params]  # one (Python) tensor hash each
+            if group["momentum"]:  # one (Python) tensor hash each
+                bufs = [None if st is None else st.get("momentum_buffer")
+                        for st in map(state.get, params)]
             else:
                 bufs = [None] * len(params)
             groups.append(TensorGroup(
