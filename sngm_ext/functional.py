@@ -78,6 +78,11 @@ def sngm_groups(
     from .fused import fused_step
     from .layout import PlanCache
 
+    if plans is None:  # a one-off call (the optimizer checks devices when params are added)
+        devices = {p.device for grp in groups for p in grp.params}
+        if len(devices) > 1:
+            raise ValueError(f"SNGM needs every param on one device, got {sorted(map(str, devices))}")
+
     return fused_step(groups, ops, per_tensor=norm == "tensor", skipped_steps=skipped_steps,
                       plans=plans if plans is not None else PlanCache(), reduce_sumsq=reduce_sumsq,
                       grad_scale=grad_scale, found_inf=found_inf, device=device,
