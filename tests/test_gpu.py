@@ -1,16 +1,21 @@
-"""GPU tests: run by anyone with a CUDA device (skipped without one; no CUDA query at collection).
+"""GPU tests for both GPU backends ("triton" compiled for real, "cuda" the native extension):
+run by anyone with a CUDA device, skipped without one (no CUDA query at collection time).
 
 Triton compiles for real here, so these must run in a process without TRITON_INTERPRET:
-``python -m pytest -q tests/test_gpu.py -m gpu`` with the variable unset.
+``python -m pytest -q tests/test_gpu.py -m gpu`` with the variable unset. The scenarios and the
+bounds are the CPU suite's (scenarios.py): the kernels round every operation as the reference
+does, so only the norm's summation order differs.
 """
 
+import math
 import os
 
 import pytest
 import torch
 
-from scenarios import CONFIGS, DTYPES, assert_close, grads_for, group_split, make_params
+from scenarios import CONFIGS, DTYPES, assert_runs_match, grads_for, make_params, run
 from sngm_ext import SNGM, BackendUnavailable, resolve_backend
+from test_native_cpu import check_non_finite_grad_skips_the_step
 
 pytestmark = pytest.mark.gpu
 
@@ -24,68 +29,62 @@ def gpu_backend(request):
     try:
         resolve_backend(request.param, torch.device("cuda"))
     except BackendUnavailable as e:
+        if request.param == "cuda":
+            pytest.fail(f"a CUDA device is present but the native CUDA backend is not: {e}")
         pytest.skip(str(e))
     return request.param
-
-
-def run_on(device, backend, dtype, config, steps=3):
-    cfg = CONFIGS[config]
-    params = [torch.nn.Parameter(p.detach().to(device)) for p in make_params(dtype)]
-    groups = [dict(params=ps, **h) for ps, h in zip(group_split(params), cfg["groups"])]
-    opt = SNGM(groups, backend=backend, norm=cfg["norm"])
-    for step in range(steps):
-        for p, g in zip(params, grads_for(params, step)):
-            p.grad = None if g is None else g.to(device)
-        opt.step()
-    return [p.detach().cpu() for p in params], [
-        opt.state[p]["momentum_buffer"].cpu() if opt.state[p].get("momentum_buffer") is not None
-        else None for p in params if p in opt.state
-    ]
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gpu_backend_matches_reference(gpu_backend, dtype, config):
-    ref_p, ref_b = run_on("cuda", "reference", dtype, config)
-    p, b = run_on("cuda", gpu_backend, dtype, config)
-    for x, y in zip(p + b, ref_p + ref_b):
-        if y is not None:
-            assert_close(x, y, dtype)
+    ref = run("reference", dtype, config, device="cuda")
+    got = run(gpu_backend, dtype, config, device="cuda")
+    assert all(n.device.type == "cuda" for n in got.norms)
+    assert got.opt.skipped_steps.item() == 0
+    assert_runs_match(got, ref, dtype, gpu_backend)
 
 
-def test_gpu_step_never_syncs_and_is_deterministic(gpu_backend):
+def test_gpu_and_cpu_agree(gpu_backend):
+    cpu = run("reference", torch.float32, "tensor_norm")
+    gpu = run(gpu_backend, torch.float32, "tensor_norm", device="cuda")
+    gpu.params = [p.cpu() for p in gpu.params]
+    gpu.bufs = [None if b is None else b.cpu() for b in gpu.bufs]
+    gpu.norms = [n.cpu() for n in gpu.norms]
+    assert_runs_match(gpu, cpu, torch.float32, f"{gpu_backend} vs CPU")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_bitwise_deterministic(gpu_backend, dtype):
+    a = run(gpu_backend, dtype, "three_groups", device="cuda")
+    b = run(gpu_backend, dtype, "three_groups", device="cuda")
+    for x, y in zip(a.params + a.bufs + a.norms, b.params + b.bufs + b.norms):
+        if x is not None:
+            assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_gpu_non_finite_grad_skips_on_device(gpu_backend, dtype, bad):
+    check_non_finite_grad_skips_the_step(gpu_backend, dtype, bad, device="cuda")
+
+
+def test_auto_prefers_the_native_cuda_backend(gpu_backend):
+    assert resolve_backend("auto", torch.device("cuda"))[0] == "cuda"
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_gpu_step_never_syncs_and_leaves_tensors_in_place(gpu_backend, flag):
+    """No host sync in backward or step (after the first step, which builds tables), params and
+    grads stay where they are, and norm_in_backward gives the bits of the plain step."""
     outs = []
-    for _ in range(2):
+    for nib in (flag, False):
         torch.manual_seed(0)
         m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
                                 torch.nn.Linear(256, 10)).cuda()
-        opt = SNGM(m.parameters(), lr=0.1, weight_decay=1e-4, backend=gpu_backend)
-        x = torch.randn(128, 64, device="cuda")
-        y = torch.randint(0, 10, (128,), device="cuda")
-        for s in range(4):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(m(x), y).backward()
-            if s >= 1:  # buckets and tables exist after the first step
-                torch.cuda.set_sync_debug_mode("error")
-            try:
-                opt.step()
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
-        outs.append([p.detach().clone() for p in m.parameters()])
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
-
-
-def test_gpu_norm_in_backward_is_bitwise_the_step_and_never_syncs(gpu_backend):
-    """norm_in_backward on the GPU: the hooks' sums (launched during backward, on its stream) give
-    the bits of the step's own phase 1, the step leaves phase 1 out, and neither syncs."""
-    outs = []
-    for flag in (True, False):
-        torch.manual_seed(0)
-        m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
-                                torch.nn.Linear(256, 10)).cuda()
+        ptrs = [p.data_ptr() for p in m.parameters()]
         opt = SNGM(m.parameters(), lr=0.1, weight_decay=1e-4, backend=gpu_backend,
-                   norm_in_backward=flag)
+                   norm_in_backward=nib)
         x = torch.randn(128, 64, device="cuda")
         y = torch.randint(0, 10, (128,), device="cuda")
         for s in range(4):
@@ -94,11 +93,32 @@ def test_gpu_norm_in_backward_is_bitwise_the_step_and_never_syncs(gpu_backend):
                 torch.cuda.set_sync_debug_mode("error")
             try:
                 torch.nn.functional.cross_entropy(m(x), y).backward()
+                grads = [p.grad for p in m.parameters()]
                 opt.step()
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-        if flag:
-            assert opt._buckets.sums_steps == 3  # every step after the first
+            assert all(p.grad is g for p, g in zip(m.parameters(), grads))
+        assert [p.data_ptr() for p in m.parameters()] == ptrs
+        if nib:
+            assert opt._sums.served == 3  # every step after the first
         outs.append([p.detach().clone() for p in m.parameters()])
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+def test_gpu_params_on_another_device_than_the_current_one(gpu_backend):
+    """Params on cuda:1 while cuda:0 is current: the kernels run on the params' device."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    params = make_params(torch.float32, device="cuda:1")
+    opt = SNGM(params, lr=0.1, momentum=0.9, backend=gpu_backend)
+    ref_params = make_params(torch.float32)
+    ref = SNGM(ref_params, lr=0.1, momentum=0.9, backend="reference")
+    for p, q, g in zip(params, ref_params, grads_for(ref_params, 0)):
+        p.grad = None if g is None else g.to("cuda:1")
+        q.grad = g
+    with torch.cuda.device(0):
+        opt.step()
+    ref.step()
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p.detach().cpu(), q.detach(), rtol=1e-6, atol=1e-6)
