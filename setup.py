@@ -9,7 +9,7 @@ torch, the part that cannot be built is skipped with a warning, and sngm_ext bui
 (``sngm_ext/native.py``) or falls back to another backend. Switches (environment variables):
 
     SNGM_SKIP_NATIVE_BUILD=1   build nothing ahead of time (the first use builds what it needs)
-    SNGM_SKIP_CPU_BUILD=1      no CPU module (it holds the op schemas: the first use builds it)
+    SNGM_SKIP_CPU_BUILD=1      no CPU module (the first use builds it)
     SNGM_SKIP_CUDA_BUILD=1     no CUDA module
     SNGM_CPU_CAPABILITIES      native (default: the best this machine runs), all (default, avx2 and
                                avx512: for a wheel that runs anywhere) or a comma list of those

@@ -4,13 +4,15 @@ imported only inside the functions that need it.
 
 Modules (each a separate shared library, so a failed CUDA build never costs the CPU kernels):
 
-    sngm_ext._C_<cap>   the op schemas (TORCH_LIBRARY sngm_native, bindings/ops.cpp, pybind11) and
-                        the CPU kernels (cpu/sngm_cpu.cpp) built for one CPU capability: "default"
-                        (any CPU), "avx2" or "avx512" (x86-64), with ATen's CPU_CAPABILITY macros
-                        and -m flags; exactly one is loaded, the best this CPU supports
-    sngm_ext._C_cuda    the CUDA kernels (cuda/sngm_cuda.cu, cuda/sngm_cuda_ops.cpp), loaded after
-                        a CPU module (which owns the schemas); no pybind11, no torch header in
-                        the .cu
+    sngm_ext._C_<cap>   the CPU kernels (cpu/sngm_cpu.cpp) registered for sngm_native::* (
+                        bindings/ops.cpp, pybind11), built for one CPU capability: "default" (any
+                        CPU), "avx2" or "avx512" (x86-64), with ATen's CPU_CAPABILITY macros and
+                        -m flags; exactly one is loaded, the best this CPU supports
+    sngm_ext._C_cuda    the CUDA kernels (cuda/sngm_cuda.cu, cuda/sngm_cuda_ops.cpp); no pybind11,
+                        no torch header in the .cu
+
+The op schemas are sngm_ext/_ops.py's (Python); the modules only register implementations, so each
+loads alone.
 """
 
 from __future__ import annotations
@@ -121,9 +123,12 @@ def cpu_ldflags() -> List[str]:
 
 
 def cuda_cflags(src_hash: str) -> Dict[str, List[str]]:
+    # --fmad=false: every operation rounds once, in the reference's order (as -ffp-contract=off
+    # does on CPU), so GPU results differ from the reference only through the norm's summation
+    # order (tests/scenarios.py). The kernels are memory-bound: FMAs would buy no time.
     return {
         "cxx": ["-O3", f"-DSNGM_SOURCE_HASH=h{src_hash}"],
-        "nvcc": ["-O3", "-lineinfo", f"-DSNGM_SOURCE_HASH=h{src_hash}"],
+        "nvcc": ["-O3", "-lineinfo", "--fmad=false", f"-DSNGM_SOURCE_HASH=h{src_hash}"],
     }
 
 
