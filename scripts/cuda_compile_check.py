@@ -6,12 +6,17 @@ Against a torch tree that need not import (the CUDA 13 wheel of torch 2.14.1, un
 
 1. the kernels (sngm_cuda.cu, no torch header) for sm_80 and sm_90, C++17 (torch 2.11 builds with
    it), with ``-Xptxas -v``: every kernel must have no register spills;
-2. the same file to PTX for sm_90 under C++20 (torch 2.14's standard): every update and sumsq kernel
-   must load and store through 128-bit accesses (ld.global[.nc].v4.b32 / .v2.f64, st.global.v4 ...);
+2. the same file to PTX for sm_90 under C++20 (torch 2.14's standard): every update kernel must
+   load and store through 128-bit accesses (ld.global[.nc].v4.b32 / .v2.f64, st.global.v4 ...),
+   every sumsq kernel load through them, and neither may access memory through generic addresses
+   (ld/st without .global: the kernels take their pointers from a table in device memory, which
+   the compiler cannot tell apart from any other generic pointer);
 3. the host side (sngm_cuda_ops.cpp: at::Tensor, c10::cuda streams, TORCH_LIBRARY_IMPL) with the
    host compiler under C++20 against the tree's headers;
 4. one shared object of both, linked with -Wl,--no-undefined against libtorch, libtorch_cpu, libc10,
-   libc10_cuda and libcudart: every symbol the sources use must exist in those libraries.
+   libc10_cuda and libcudart: every symbol the sources use must exist in those libraries. That is
+   all of sngm_ext._C_cuda: it registers implementations only (the schemas are defined in Python),
+   so it needs nothing from the CPU module.
 
 Usage: cuda_compile_check.py [--tree DIR] [--out DIR] [--json FILE]. Exit status 0 when all pass,
 1 when a check fails, 2 when nvcc or the tree is missing. Steps 1-3 run in parallel (2 jobs).
@@ -104,16 +109,20 @@ def ptxas_report(text: str) -> dict:
 _V128 = r"(?:v4\.(?:b|u|f|s)32|v2\.(?:b|u|f|s)64)"  # 4 x 32 or 2 x 64 bits
 _LOAD128 = re.compile(r"\bld\.global(?:\.nc)?(?:\.[a-z0-9_]+)*\." + _V128 + r"\b")
 _STORE128 = re.compile(r"\bst\.global(?:\.[a-z0-9_]+)*\." + _V128 + r"\b")
+# ld/st with no state space (memory-model qualifiers aside): a generic address
+_GENERIC = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:ld|st)(?:\.(?:volatile|relaxed|acquire|release|weak|"
+                      r"sys|gpu|cta))*\.(?!(?:global|shared|param|local|const)\b)[a-z]", re.M)
 
 
 def ptx_report(ptx: str) -> dict:
-    """Per .entry: its counts of 128-bit global loads and stores."""
+    """Per .entry: its counts of 128-bit global loads and stores, and of generic accesses."""
     out = {}
     parts = re.split(r"^\.visible \.entry |^\.entry ", ptx, flags=re.M)
     for part in parts[1:]:
         name = part.split("(", 1)[0].strip()
         out[name] = {"load128": len(_LOAD128.findall(part)),
-                     "store128": len(_STORE128.findall(part))}
+                     "store128": len(_STORE128.findall(part)),
+                     "generic": len(_GENERIC.findall(part))}
     return out
 
 
@@ -150,12 +159,14 @@ def main(argv=None) -> int:
                   "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
                   "--expt-relaxed-constexpr"]
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
+    # the package's own nvcc flags that change code generation (_native_build.cuda_cflags)
+    ours = ["--fmad=false"]
     cxx = os.environ.get("CXX", "c++")
     steps = {
         "kernels_cxx17": [nvcc, "-std=c++17", "-O3", "-lineinfo", "-Xcompiler", "-fPIC",
-                          *torch_nvcc, *gencode, "-Xptxas", "-v", "-c", cu, "-o",
+                          *ours, *torch_nvcc, *gencode, "-Xptxas", "-v", "-c", cu, "-o",
                           os.path.join(out, "sngm_cuda.o")],
-        "ptx_sm90_cxx20": [nvcc, "-std=c++20", "-O3", *torch_nvcc, "-arch=sm_90", "-ptx", cu,
+        "ptx_sm90_cxx20": [nvcc, "-std=c++20", "-O3", *ours, *torch_nvcc, "-arch=sm_90", "-ptx", cu,
                            "-o", os.path.join(out, "sngm_cuda.sm_90.ptx")],
         "host_cxx20": [cxx, "-std=c++20", "-O2", "-fPIC", "-D_GLIBCXX_USE_CXX11_ABI=1",
                        "-DSNGM_SOURCE_HASH=hcheck", "-isystem", tinc, "-isystem",
@@ -215,6 +226,8 @@ def main(argv=None) -> int:
                         f"update kernel without 128-bit loads/stores: {name} {v}")
             elif kind == "sumsq_kernel" and not v["load128"]:
                 report["failures"].append(f"sumsq kernel without 128-bit loads: {name} {v}")
+            if kind in ("update_kernel", "sumsq_kernel") and v["generic"]:
+                report["failures"].append(f"{kind} with generic loads/stores: {name} {v}")
         if n_update == 0:
             report["failures"].append("no update kernel in the PTX")
 
@@ -229,8 +242,8 @@ def main(argv=None) -> int:
     for fail in report["failures"]:
         print("FAIL: " + fail)
     if not report["failures"]:
-        print("cuda_compile_check: OK (no spills, 128-bit loads/stores, linked with "
-              "--no-undefined)")
+        print("cuda_compile_check: OK (no spills, 128-bit loads/stores, no generic accesses, "
+              "linked with --no-undefined)")
     return 1 if report["failures"] else 0
 
 

@@ -1,8 +1,11 @@
 """Compile the Triton kernels ahead of time for real GPUs (no GPU needed) and report on the code.
 
-For each kernel variant and architecture: the number of 128-bit global loads/stores in the PTX,
-scalar global loads, and ptxas's register and spill counts. Prints one JSON object; exits non-zero
-when a compile fails. Run without TRITON_INTERPRET (interpreted kernels cannot be compiled).
+For each kernel variant and architecture: the number of 128-bit global loads/stores in the PTX
+(the vector path of a chunk), the other global loads/stores (the scalar path, the chunk row, the
+pointer table, the sums), inexact or fused float instructions (``.approx``, ``div.full``, ``fma``:
+the maths must round each operation once, correctly), and ptxas's register and spill counts.
+Prints one JSON object; exits non-zero when a compile fails. Run without TRITON_INTERPRET
+(interpreted kernels cannot be compiled).
 Usage: python scripts/triton_aot_check.py [--arch 80 90]
 """
 
@@ -15,40 +18,51 @@ import sys
 import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # what launches use; silences 3.9's notice
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from sngm_ext.buckets import CHUNK  # noqa: E402
+from sngm_ext.triton_kernels.common import num_warps  # noqa: E402
 from sngm_ext.triton_kernels.norm import _finalize_kernel, _sumsq_kernel  # noqa: E402
 from sngm_ext.triton_kernels.update import _update_kernel  # noqa: E402
-from sngm_ext.triton_kernels.update import num_warps as update_warps  # noqa: E402
 
-DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+CHUNK = 4096  # sngm_ext's chunk-table CHUNK (csrc/sngm_math.h kChunk): the launchers' block
+DT = {
+    "fp32": (torch.float32, tl.float32),
+    "bf16": (torch.bfloat16, tl.bfloat16),
+    "fp16": (torch.float16, tl.float16),
+    "fp64": (torch.float64, tl.float64),
+}
+
+
+def _signature(fn, types):
+    """Every argument of ``fn`` typed: pointers and scalars from ``types``, the rest constexpr."""
+    return {name: types.get(name, "constexpr") for name in fn.arg_names}
 
 
 def variants():
-    for dt in ("fp32", "bf16", "fp64"):
-        acc = "fp64" if dt == "fp64" else "fp32"
-        yield f"update_{dt}", _update_kernel, {
-            "param_ptr": f"*{dt}", "grad_ptr": f"*{dt}", "mom_ptr": f"*{dt}", "chunks_ptr": "*i64",
-            "n_chunks": "i32", "sumsq_ptr": f"*{acc}", "lr_hi": "fp32", "lr_lo": "fp32",
-            "mom_hi": "fp32", "mom_lo": "fp32", "wd_hi": "fp32", "wd_lo": "fp32",
-            "grad_sign": "fp32", "nesterov": "i32", "BLOCK": "constexpr",
-            "HAS_MOMENTUM": "constexpr", "FP64": "constexpr",
-        }, {"BLOCK": CHUNK, "HAS_MOMENTUM": True, "FP64": dt == "fp64"}, 6, update_warps(DT[dt])
-    yield "sumsq_fp32", _sumsq_kernel, {
-        "param_ptr": "*fp32", "grad_ptr": "*fp32", "chunks_ptr": "*i64", "n_chunks": "i32",
-        "partials_ptr": "*fp32", "partial_offset": "i32", "wd_hi": "fp32", "wd_lo": "fp32",
-        "grad_sign": "fp32", "BLOCK": "constexpr", "FP64": "constexpr",
-    }, {"BLOCK": CHUNK, "FP64": False}, 5, 8
-    yield "finalize_fp32", _finalize_kernel, {
-        "partials_ptr": "*fp32", "seg_ptr": "*i64", "n_segments": "i32", "sumsq_ptr": "*fp32",
-        "PER_SEGMENT": "constexpr", "BLOCK": "constexpr",
-    }, {"PER_SEGMENT": True, "BLOCK": 1024}, 4, 4
+    """(name, kernel, signature, constexprs, warps) of every variant the launchers compile."""
+    hyper = {f"{h}_{p}": "fp32" for h in ("lr", "mom", "wd") for p in ("hi", "mid", "lo")}
+    for dt, (torch_dt, tl_dt) in DT.items():
+        for mom in (True, False):
+            yield f"update_{dt}" + ("" if mom else "_nomom"), _update_kernel, _signature(
+                _update_kernel, {
+                    "table_ptr": "*i64", "n_tensors": "i32", "chunks_ptr": "*i64",
+                    "n_chunks": "i32", "sumsq_ptr": "*fp64", "n_sumsq": "i32",
+                    "scale_ptr": "*fp32", **hyper, "sign": "fp32", "nesterov": "i32",
+                }), {"DTYPE": tl_dt, "BLOCK": CHUNK, "HAS_MOMENTUM": mom}, num_warps(torch_dt)
+        yield f"sumsq_{dt}", _sumsq_kernel, _signature(_sumsq_kernel, {
+            "table_ptr": "*i64", "n_tensors": "i32", "chunks_ptr": "*i64", "n_chunks": "i32",
+            "scale_ptr": "*fp32", "wd_hi": "fp32", "wd_mid": "fp32", "wd_lo": "fp32",
+            "sign": "fp32", "partials_ptr": "*fp64", "partial_offset": "i32",
+        }), {"DTYPE": tl_dt, "BLOCK": CHUNK}, num_warps(torch_dt)
+    yield "finalize", _finalize_kernel, _signature(_finalize_kernel, {
+        "partials_ptr": "*fp64", "seg_ptr": "*i64", "n_segments": "i32",
+        "found_inf_ptr": "*fp32", "sumsq_ptr": "*fp64",
+    }), {"PER_SEGMENT": True, "BLOCK": 1024}, 4
 
 
 def ptxas_report(ptx: str, arch: int) -> dict:
@@ -73,26 +87,35 @@ def ptxas_report(ptx: str, arch: int) -> dict:
             "spill_bytes": sum(int(s) for s in spills)}
 
 
+def ptx_report(ptx: str) -> dict:
+    # 128-bit accesses: four 32-bit or two 64-bit lanes.
+    wide = r"\.(?:v4\.(?:b32|f32|u32)|v2\.(?:b64|f64|u64))"
+    return {
+        "ld_128bit": len(re.findall(r"ld\.global[^\n]*" + wide, ptx)),
+        "st_128bit": len(re.findall(r"st\.global[^\n]*" + wide, ptx)),
+        "ld_other": len(re.findall(r"ld\.global(?![^\n]*\.v[24])[^\n]*", ptx)),
+        "st_other": len(re.findall(r"st\.global(?![^\n]*\.v[24])[^\n]*", ptx)),
+        "inexact": len(re.findall(r"\b(?:\w+\.approx\S*|div\.full\S*)", ptx)),
+        "fma": len(re.findall(r"\bfma\.\S+", ptx)),
+    }
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     args = ap.parse_args()
     report = {"triton": triton.__version__, "kernels": {}}
-    for name, fn, sig, consts, n_ptrs, warps in variants():
-        # Pointers 16-byte aligned, as the launcher's tensors are (Triton specializes on it).
-        attrs = {(i,): [["tt.divisibility", 16]] for i in range(n_ptrs)}
+    for name, fn, sig, consts, warps in variants():
+        # Pointer arguments 16-byte aligned, as torch's allocations are (Triton specializes on it).
+        attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values())
+                 if t.startswith("*")}
         for arch in args.arch:
+            # enable_fp_fusion=False as the launchers pass: no mul+add fused into an fma.
             k = triton.compile(ASTSource(fn, sig, consts, attrs),
-                               target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
-            ptx = k.asm["ptx"]
-            # 128-bit accesses: four 32-bit or two 64-bit lanes.
-            wide = r"\.(?:v4\.(?:b32|f32|u32)|v2\.(?:b64|f64|u64))"
-            rec = {
-                "ld_128bit": len(re.findall(r"ld\.global[^\n]*" + wide, ptx)),
-                "st_128bit": len(re.findall(r"st\.global[^\n]*" + wide, ptx)),
-                "ld_other": len(re.findall(r"ld\.global(?![^\n]*\.v[24])[^\n]*", ptx)),
-            }
-            rec.update(ptxas_report(ptx, arch))
+                               target=GPUTarget("cuda", arch, 32),
+                               options={"num_warps": warps, "enable_fp_fusion": False})
+            rec = ptx_report(k.asm["ptx"])
+            rec.update(ptxas_report(k.asm["ptx"], arch))
             report["kernels"][f"{name}_sm{arch}"] = rec
     json.dump(report, sys.stdout, indent=1)
     print()

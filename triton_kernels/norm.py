@@ -1,109 +1,139 @@
-"""Phase 1 of the fused step: the squared norm of d = sign * g + weight_decay * w, deterministically.
+"""Phase 1 of the fused step: the squared norm of d = sign * (g * gscale) + weight_decay * w,
+deterministically.
 
-``_sumsq_kernel`` writes one partial sum per chunk (no atomics: a float atomic_add would make the norm
-depend on scheduling); ``_finalize_kernel`` is a single program that adds the partials of each
-segment in a fixed order, so the same inputs give the same bits on every run. The square root and
-the finite check come later, after a distributed all-reduce of the sums if there is one.
+``_sumsq_kernel`` writes one fp64 partial sum per chunk (no atomics: a float atomic_add would make
+the norm depend on scheduling); ``_finalize_kernel`` is a single program that adds the partials of
+each segment in a fixed order, so the same inputs give the same bits on every run. The square root
+and the finite check come later, after a distributed all-reduce of the sums if there is one.
 """
 
-import torch
 import triton
 import triton.language as tl
 
 from ._scalars import split_f64
+from .common import (
+    TORCH_TO_TL,
+    as_pointer,
+    base_address,
+    chunk_row,
+    direction,
+    hyper,
+    inverse_grad_scale,
+    launch_guard,
+    load_c,
+    num_warps,
+)
+from .tables import constant, pointer_table
+
+
+@triton.jit
+def _chunk_sumsq(pw, pg, length, gscale, sign, wd, BLOCK: tl.constexpr, FP64: tl.constexpr):
+    idx = tl.arange(0, BLOCK)
+    mask = idx < length
+    g = load_c(pg + idx, mask, FP64)
+    w = load_c(pw + idx, idx < tl.where(wd != 0, length, 0), FP64)  # unread without decay
+    d = direction(g, w, gscale, sign, wd).to(tl.float64)
+    return tl.sum(tl.where(mask, d * d, 0.0), axis=0)
 
 
 @triton.jit
 def _sumsq_kernel(
-    param_ptr,
-    grad_ptr,
-    chunks_ptr,  # int64 [3, n_chunks]: start, length, segment
+    table_ptr,  # int64 [3 * n_tensors]: numels, param pointers, grad pointers (tables.py)
+    n_tensors,
+    chunks_ptr,  # int64 [4, n_chunks]: tensor, start, length, segment
     n_chunks,
-    partials_ptr,
-    partial_offset,
+    scale_ptr,  # float32 0-dim: grad_scale (1 when there is none)
     wd_hi,
+    wd_mid,
     wd_lo,
-    grad_sign,
+    sign,  # -1.0 when maximizing, else 1.0
+    partials_ptr,  # float64
+    partial_offset,
+    DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
-    FP64: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    # Starts and lengths are multiples of 16 elements (buckets.ALIGN): telling Triton so is what
-    # turns the masked loads below into 128-bit vector loads.
-    start = tl.multiple_of(tl.load(chunks_ptr + pid), 16)
-    length = tl.multiple_of(tl.load(chunks_ptr + n_chunks + pid), 16)
-    idx = tl.arange(0, BLOCK)
-    offs = start + idx
-    mask = idx < length
-    if FP64:
-        wd = tl.cast(wd_hi, tl.float64) + tl.cast(wd_lo, tl.float64)
-        g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float64)
-        w = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float64)
-        d = tl.cast(grad_sign, tl.float64) * g + wd * w
+    FP64: tl.constexpr = DTYPE == tl.float64
+    VEC: tl.constexpr = 128 // DTYPE.primitive_bitwidth  # elements per 128-bit access
+    t, start, length = chunk_row(chunks_ptr, n_chunks, table_ptr, n_tensors, BLOCK)
+    wd = hyper(wd_hi, wd_mid, wd_lo, FP64)
+    gscale = inverse_grad_scale(scale_ptr, FP64)
+    aw = base_address(table_ptr, n_tensors, 1, t, start, DTYPE)
+    ag = base_address(table_ptr, n_tensors, 2, t, start, DTYPE)
+    if (((aw | ag) & 15) == 0) & (length % VEC == 0):
+        acc = _chunk_sumsq(as_pointer(aw, DTYPE, True), as_pointer(ag, DTYPE, True),
+                           tl.multiple_of(length // VEC * VEC, VEC), gscale, sign, wd, BLOCK, FP64)
     else:
-        g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        d = grad_sign * g + wd_hi * w
-    tl.store(partials_ptr + partial_offset + pid, tl.sum(d * d, axis=0))
+        acc = _chunk_sumsq(as_pointer(aw, DTYPE, False), as_pointer(ag, DTYPE, False), length,
+                           gscale, sign, wd, BLOCK, FP64)
+    tl.store(partials_ptr + partial_offset + tl.program_id(0), acc)
 
 
 @triton.jit
 def _finalize_kernel(
-    partials_ptr,
+    partials_ptr,  # float64
     seg_ptr,  # int64 [n_segments + 1]
     n_segments,
-    sumsq_ptr,
+    found_inf_ptr,  # float32 0-dim (0 when there is none)
+    sumsq_ptr,  # float64
     PER_SEGMENT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    total = tl.zeros([BLOCK], dtype=partials_ptr.dtype.element_ty)
+    total = tl.zeros([BLOCK], dtype=tl.float64)
     for s in range(0, n_segments):
         lo = tl.load(seg_ptr + s)
         hi = tl.load(seg_ptr + s + 1)
-        acc = tl.zeros([BLOCK], dtype=partials_ptr.dtype.element_ty)
+        acc = tl.zeros([BLOCK], dtype=tl.float64)
         for c in range(lo, hi, BLOCK):
             offs = c + tl.arange(0, BLOCK)
-            acc += tl.load(partials_ptr + offs, mask=offs < hi, other=0.0)
+            acc += tl.load(partials_ptr + offs, mask=offs < hi, other=0.0).to(tl.float64)
         if PER_SEGMENT:
-            tl.store(sumsq_ptr + 1 + s, tl.sum(acc, axis=0))
+            tl.store(sumsq_ptr + 1 + s, tl.sum(acc, axis=0).to(sumsq_ptr.dtype.element_ty))
         total += acc
-    tl.store(sumsq_ptr, tl.sum(total, axis=0))
+    total_sum = tl.where(tl.load(found_inf_ptr) != 0, float("inf"), tl.sum(total, axis=0))
+    tl.store(sumsq_ptr, total_sum.to(sumsq_ptr.dtype.element_ty))
 
 
-def sumsq(param, grad, chunks, weight_decay, maximize, partials, partial_offset):
-    """partials[partial_offset + c] = ||d||^2 over chunk c of the bucket (see buckets.py)."""
+def sumsq(params, grads, chunks, grad_scale, weight_decay, maximize, partials, partial_offset, *,
+          block):
+    """partials[partial_offset + c] = sum of double(d)^2 over chunk c (docs_spec_ops.md)."""
     n_chunks = chunks.shape[1]
     if n_chunks == 0:
         return
-    from sngm_ext.buckets import CHUNK
+    if not params or len(grads) != len(params):
+        raise ValueError("sumsq: params and grads must be non-empty lists of the same length")
+    device, dtype = params[0].device, params[0].dtype
+    table = pointer_table(device, (params, grads))
+    with launch_guard(params[0]):
+        _sumsq_kernel[(n_chunks,)](
+            table,
+            len(params),
+            chunks,
+            n_chunks,
+            constant(device, 1.0) if grad_scale is None else grad_scale,
+            *split_f64(weight_decay),
+            -1.0 if maximize else 1.0,
+            partials,
+            partial_offset,
+            DTYPE=TORCH_TO_TL[dtype],
+            BLOCK=block,
+            num_warps=num_warps(dtype),
+            enable_fp_fusion=False,
+        )
 
-    wd_hi, wd_lo = split_f64(weight_decay)
-    _sumsq_kernel[(n_chunks,)](
-        param,
-        grad,
-        chunks,
-        n_chunks,
-        partials,
-        partial_offset,
-        wd_hi,
-        wd_lo,
-        -1.0 if maximize else 1.0,
-        BLOCK=CHUNK,
-        FP64=param.dtype == torch.float64,
-        num_warps=8,
-    )
 
+def finalize(partials, seg_ptr, found_inf, sumsq):
+    """sumsq[0] = sum of all partials (+inf when found_inf is nonzero); sumsq[1 + s] = segment s's
+    sum when sumsq has room."""
+    with launch_guard(sumsq):
+        # One program of 1024 lanes: ResNet-50's 6.3k partials are 7 vector loads.
+        _finalize_kernel[(1,)](
+            partials,
+            seg_ptr,
+            seg_ptr.shape[0] - 1,
+            constant(sumsq.device, 0.0) if found_inf is None else found_inf,
+            sumsq,
+            PER_SEGMENT=sumsq.shape[0] > 1,
+            BLOCK=1024,
+            num_warps=4,
+        )
 
-def finalize(partials, seg_ptr, sumsq):
-    """sumsq[0] = sum of all partials; sumsq[1 + s] = segment s's sum when sumsq has room."""
-    n_segments = seg_ptr.shape[0] - 1
-    # One program of 1024 lanes: ResNet-50's 6.3k partials are 7 vector loads.
-    _finalize_kernel[(1,)](
-        partials,
-        seg_ptr,
-        n_segments,
-        sumsq,
-        PER_SEGMENT=sumsq.shape[0] > 1,
-        BLOCK=1024,
-        num_warps=4,
-    )

@@ -1,116 +1,135 @@
 """Phase 2 of the fused step: normalize, update the momentum and the params in one read-modify-write.
 
-The norm is read from device memory (never from the host); when the global norm is not finite the
-whole mask is false, so a skipped step neither loads nor stores a byte.
+The norm is read from device memory (never from the host); when the global sum of squares is not
+finite every chunk is empty, so a skipped step neither loads nor stores a byte of the tensors.
+The per-element maths is csrc/sngm_math.h's ``update``, each operation rounded once in its order
+(launched with fp fusion off: no fma).
 """
 
-import torch
 import triton
 import triton.language as tl
 
 from ._scalars import split_f64
+from .common import (
+    TORCH_TO_TL,
+    as_pointer,
+    base_address,
+    chunk_row,
+    direction,
+    hyper,
+    inverse_grad_scale,
+    launch_guard,
+    load_c,
+    num_warps,
+    store_c,
+)
+from .tables import constant, pointer_table
+
+
+@triton.jit
+def _chunk_update(pw, pg, pu, length, inv, gscale, sign, wd, lr, beta, nesterov,
+                  BLOCK: tl.constexpr, HAS_MOMENTUM: tl.constexpr, FP64: tl.constexpr):
+    idx = tl.arange(0, BLOCK)
+    mask = idx < length
+    w = load_c(pw + idx, mask, FP64)
+    d = direction(load_c(pg + idx, mask, FP64), w, gscale, sign, wd)
+    nd = (d.to(tl.float64) * inv).to(w.dtype)  # in double: inv may lie outside fp32's range
+    if HAS_MOMENTUM:
+        u = beta * load_c(pu + idx, mask, FP64) + nd
+        store_c(pu + idx, u, mask)
+        step = tl.where(nesterov != 0, nd + beta * u, u)
+    else:
+        step = nd
+    store_c(pw + idx, w - lr * step, mask)
 
 
 @triton.jit
 def _update_kernel(
-    param_ptr,
-    grad_ptr,
-    mom_ptr,
-    chunks_ptr,  # int64 [3, n_chunks]: start, length, segment
+    table_ptr,  # int64 [(3 or 4) * n_tensors]: numels, param, grad (, momentum) pointers
+    n_tensors,
+    chunks_ptr,  # int64 [4, n_chunks]: tensor, start, length, segment
     n_chunks,
-    sumsq_ptr,  # [0]: the global sum of squares; [1 + s]: segment s's (norm="tensor")
+    sumsq_ptr,  # float64 [0]: the global sum of squares; [1 + k]: tensor k's (norm="tensor")
+    n_sumsq,
+    scale_ptr,  # float32 0-dim: grad_scale (1 when there is none)
     lr_hi,
+    lr_mid,
     lr_lo,
     mom_hi,
+    mom_mid,
     mom_lo,
     wd_hi,
+    wd_mid,
     wd_lo,
-    grad_sign,
+    sign,  # -1.0 when maximizing, else 1.0
     nesterov,
+    DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
-    FP64: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    total = tl.load(sumsq_ptr)
-    # A sum of squares is >= 0 or NaN; NaN < inf is false.
-    finite = total < float("inf")
-    start = tl.multiple_of(tl.load(chunks_ptr + pid), 16)
-    # A skipped step is an empty chunk: no load, no store.
-    length = tl.multiple_of(tl.where(finite, tl.load(chunks_ptr + n_chunks + pid), 0), 16)
-    seg = tl.load(chunks_ptr + 2 * n_chunks + pid)
-    n = tl.sqrt(tl.load(sumsq_ptr + seg))
-    # 1/n in the norm's dtype, then to the compute dtype (the reference does the same); 0 if n == 0.
-    inv = tl.where(n > 0.0, 1.0 / tl.where(n > 0.0, n, 1.0), 0.0)
-    idx = tl.arange(0, BLOCK)
-    offs = start + idx
-    mask = idx < length
-    if FP64:
-        lr = tl.cast(lr_hi, tl.float64) + tl.cast(lr_lo, tl.float64)
-        beta = tl.cast(mom_hi, tl.float64) + tl.cast(mom_lo, tl.float64)
-        wd = tl.cast(wd_hi, tl.float64) + tl.cast(wd_lo, tl.float64)
-        sign = tl.cast(grad_sign, tl.float64)
-        inv = inv.to(tl.float64)
-        g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float64)
-        w = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float64)
-    else:
-        lr = lr_hi
-        beta = mom_hi
-        wd = wd_hi
-        sign = grad_sign
-        inv = inv.to(tl.float32)
-        g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    nd = (sign * g + wd * w) * inv
+    FP64: tl.constexpr = DTYPE == tl.float64
+    VEC: tl.constexpr = 128 // DTYPE.primitive_bitwidth  # elements per 128-bit access
+    t, start, length = chunk_row(chunks_ptr, n_chunks, table_ptr, n_tensors, BLOCK)
+    seg = tl.load(chunks_ptr + 3 * n_chunks + tl.program_id(0).to(tl.int64))
+    # A sum of squares is >= 0 or NaN (NaN < inf is false). A skipped step, or a segment that
+    # does not exist, is an empty chunk: no load, no store.
+    ok = (tl.load(sumsq_ptr) < float("inf")) & (seg >= 0) & (seg < n_sumsq)
+    length = tl.where(ok, length, 0)
+    n = tl.sqrt(tl.load(sumsq_ptr + tl.where(ok, seg, 0)).to(tl.float64))  # sqrt.rn.f64
+    inv = tl.where(n > 0.0, 1.0 / tl.where(n > 0.0, n, 1.0), 0.0)  # div.rn.f64; 0 when n == 0
+    lr = hyper(lr_hi, lr_mid, lr_lo, FP64)
+    beta = hyper(mom_hi, mom_mid, mom_lo, FP64)
+    wd = hyper(wd_hi, wd_mid, wd_lo, FP64)
+    gscale = inverse_grad_scale(scale_ptr, FP64)
+    aw = base_address(table_ptr, n_tensors, 1, t, start, DTYPE)
+    ag = base_address(table_ptr, n_tensors, 2, t, start, DTYPE)
     if HAS_MOMENTUM:
-        u = beta * tl.load(mom_ptr + offs, mask=mask, other=0.0).to(w.dtype) + nd
-        tl.store(mom_ptr + offs, u.to(mom_ptr.dtype.element_ty), mask=mask)
-        step = tl.where(nesterov != 0, nd + beta * u, u)
+        au = base_address(table_ptr, n_tensors, 3, t, start, DTYPE)
     else:
-        step = nd
-    tl.store(param_ptr + offs, (w - lr * step).to(param_ptr.dtype.element_ty), mask=mask)
+        au = aw  # never dereferenced
+    if (((aw | ag | au) & 15) == 0) & (length % VEC == 0):
+        _chunk_update(as_pointer(aw, DTYPE, True), as_pointer(ag, DTYPE, True),
+                      as_pointer(au, DTYPE, True), tl.multiple_of(length // VEC * VEC, VEC), inv,
+                      gscale, sign, wd, lr, beta, nesterov, BLOCK, HAS_MOMENTUM, FP64)
+    else:
+        _chunk_update(as_pointer(aw, DTYPE, False), as_pointer(ag, DTYPE, False),
+                      as_pointer(au, DTYPE, False), length, inv, gscale, sign, wd, lr, beta,
+                      nesterov, BLOCK, HAS_MOMENTUM, FP64)
 
 
-def update(
-    param,
-    grad,
-    momentum_buffer,
-    chunks,
-    sumsq,
-    lr,
-    momentum,
-    weight_decay,
-    nesterov,
-    maximize,
-):
-    """One normalize-momentum-update pass over the chunks of a bucket (see reference.py)."""
+def update(params, grads, momentum_buffers, chunks, sumsq, grad_scale, lr, momentum, weight_decay,
+           nesterov, maximize, *, block):
+    """One normalize-momentum-update pass over the chunks (docs_spec_ops.md); momentum_buffers
+    empty: no momentum."""
     n_chunks = chunks.shape[1]
     if n_chunks == 0:
         return
-    from sngm_ext.buckets import CHUNK
+    has_mom = len(momentum_buffers) > 0
+    n = len(params)
+    if not n or len(grads) != n or (has_mom and len(momentum_buffers) != n):
+        raise ValueError("update: params, grads (and momentum_buffers, unless empty) must be "
+                         "non-empty lists of the same length")
+    device, dtype = params[0].device, params[0].dtype
+    lists = (params, grads, momentum_buffers) if has_mom else (params, grads)
+    table = pointer_table(device, lists)
+    with launch_guard(params[0]):
+        _update_kernel[(n_chunks,)](
+            table,
+            n,
+            chunks,
+            n_chunks,
+            sumsq,
+            sumsq.shape[0],
+            constant(device, 1.0) if grad_scale is None else grad_scale,
+            *split_f64(lr),
+            *split_f64(momentum),
+            *split_f64(weight_decay),
+            -1.0 if maximize else 1.0,
+            int(nesterov),
+            DTYPE=TORCH_TO_TL[dtype],
+            BLOCK=block,
+            HAS_MOMENTUM=has_mom,
+            num_warps=num_warps(dtype),
+            enable_fp_fusion=False,
+        )
 
-    has_mom = momentum_buffer is not None
-    _update_kernel[(n_chunks,)](
-        param,
-        grad,
-        momentum_buffer if has_mom else param,  # never read without HAS_MOMENTUM
-        chunks,
-        n_chunks,
-        sumsq,
-        *split_f64(lr),
-        *split_f64(momentum),
-        *split_f64(weight_decay),
-        -1.0 if maximize else 1.0,
-        int(nesterov),
-        BLOCK=CHUNK,
-        HAS_MOMENTUM=has_mom,
-        FP64=param.dtype == torch.float64,
-        num_warps=num_warps(param.dtype),
-    )
-
-
-def num_warps(dtype) -> int:
-    """8 warps: 16 elements per thread, four 128-bit loads per fp32 tensor, 64 registers at sm_90
-    (scripts/triton_aot_check.py). fp64 at 8 warps needs 130 registers (one block per SM
-    resident); 16 warps halve the elements per thread."""
-    return 16 if dtype == torch.float64 else 8

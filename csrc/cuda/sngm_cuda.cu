@@ -1,20 +1,27 @@
-// CUDA kernels of the fused SNGM step (the same three ops as csrc/cpu and triton_kernels/):
-//   sumsq    one block per chunk: the chunk's sum of d^2 in the compute type, a CUB block reduction
-//            (a fixed tree: deterministic, no float atomics), one partial per chunk
-//   finalize one block: each segment's partials summed in fp64 in a fixed order, the total last
-//   update   one block per chunk: normalize, momentum, param in one read-modify-write with 128-bit
-//            loads and stores; it reads the sums of squares from device memory and returns at once
-//            when the global one is not finite (a skipped step writes nothing). It walks the chunks
-//            in reverse (block b takes chunk n-1-b): the grads sumsq read last may still be in L2
-//            (up to 50 MB on an H100, against 102 MB of fp32 grads for ResNet-50). Not measured
-//            yet: no GPU was at hand when this was written.
-// Offsets are int64 throughout. No torch header here: sngm_cuda_ops.cpp owns the tensors.
+// CUDA kernels of the fused SNGM step over per-tensor lists (the contract: docs_spec_ops.md; the
+// same three ops as csrc/cpu and triton_kernels/). sumsq and update are one launch per op call
+// whatever the number of tensors: one block per column of the chunk table, which finds its tensor
+// through the device table of pointers (sngm_cuda.h TensorRow).
+//   sumsq    a chunk's sum of double(d)^2: per-thread double accumulators, then a CUB block
+//            reduction (a fixed tree: deterministic, no float atomics); one partial per chunk
+//   finalize one block: each segment's partials summed in double in a fixed order, the total
+//   update   normalize, momentum, param in one read-modify-write; it reads the sums of squares
+//            from device memory and returns at once when the global one is not finite (a skipped
+//            step loads and stores nothing). It walks the chunks in reverse (block b takes chunk
+//            n-1-b): the grads sumsq read last may still be in L2 (60 MB on an H200). Not measured.
+// A chunk moves 16 bytes per access when every pointer it touches is 16-byte aligned at its start
+// and its length is a whole number of 16-byte packs; otherwise it takes the scalar path, same
+// maths. Offsets are int64 throughout. No torch header here: sngm_cuda_ops.cpp owns the tensors.
 #include <cub/block/block_reduce.cuh>
+#include <cub/warp/warp_reduce.cuh>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <math_constants.h>
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "../sngm_math.h"
 #include "sngm_cuda.h"
@@ -23,11 +30,25 @@ namespace sngm {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;          // sumsq and update: one block per chunk (CHUNK = 4096)
-// 16-byte packs in flight per thread and array (fp64 with momentum spills at 4 on sm_90).
+constexpr int kThreads = 256;  // sumsq and update: one block per chunk (CHUNK = 4096 elements)
+// Accesses of V elements each thread loads before it uses any (per array): 4, 2 for fp64 (4 spills
+// with momentum on sm_90), and never more than one pass over a chunk needs (2 for 16-bit types on
+// the vector path): registers beyond that would only cost resident blocks.
+template <typename S, int V>
+constexpr int unroll() {
+  const int cap = sizeof(S) == 8 ? 2 : 4;
+  const int one_pass = static_cast<int>(sngm::kChunk / (kThreads * V));
+  return one_pass < cap ? one_pass : cap;
+}
+// update's blocks per SM to fit: a block makes dependent round trips to memory (the column, then
+// the segment's sum and the table row) before it streams, and more resident blocks hide them.
+// ptxas (nvcc 13.0) keeps the 4-byte and 2-byte types within the 64 registers that asks for
+// without spills; fp64 would spill, so it keeps ptxas's choice. Not measured on a GPU yet.
 template <typename S>
-constexpr int kUnroll = sizeof(S) == 8 ? 2 : 4;
-constexpr int kFinalizeThreads = 512;  // finalize: one block
+constexpr int kUpdateMinBlocks = sizeof(S) == 8 ? 1 : 4;
+constexpr int kWarp = 32;
+constexpr int kFinalizeThreads = 1024;  // finalize: one block
+constexpr int kFinalizeWarps = kFinalizeThreads / kWarp;
 
 // Storage type S, compute type C and the conversions of each param dtype.
 template <Dtype D>
@@ -65,219 +86,282 @@ struct Traits<Dtype::kHalf> {
   static __device__ __forceinline__ S store(C x) { return __half_as_ushort(__float2half_rn(x)); }
 };
 
-// 16 bytes of elements: one 128-bit load or store.
+// V elements at once: V = 16 / sizeof(S) is one 128-bit access (the vector path), V = 1 the
+// scalar path. Both walk a chunk the same way, so they differ only in the width of an access.
+template <typename S, int V>
+struct alignas(sizeof(S) * V) Vec {
+  S v[V];
+};
 template <typename S>
-struct alignas(16) Pack {
-  static constexpr int N = 16 / sizeof(S);
-  S v[N];
+constexpr int kVec = 16 / sizeof(S);
+
+// The accesses name the global space: the pointers come from the device table, so the compiler
+// sees generic ones and would emit generic ld/st (not ld.global/st.global) for plain C++ accesses.
+// load: param and momentum (update writes them); load_nc: read-only for the whole kernel (the
+// non-coherent path); store: write-back, the default policy.
+template <typename S, int V>
+__device__ __forceinline__ Vec<S, V> load(const S* p) {
+  Vec<S, V> out;
+  if constexpr (V == 1) {
+    out.v[0] = __ldca(p);
+  } else {
+    static_assert(sizeof(Vec<S, V>) == sizeof(uint4), "a vector access is 16 bytes");
+    const uint4 raw = __ldca(reinterpret_cast<const uint4*>(p));
+    memcpy(&out, &raw, sizeof(raw));
+  }
+  return out;
+}
+
+template <typename S, int V>
+__device__ __forceinline__ Vec<S, V> load_nc(const S* p) {
+  Vec<S, V> out;
+  if constexpr (V == 1) {
+    out.v[0] = __ldg(p);
+  } else {
+    static_assert(sizeof(Vec<S, V>) == sizeof(uint4), "a vector access is 16 bytes");
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+    memcpy(&out, &raw, sizeof(raw));
+  }
+  return out;
+}
+
+template <typename S, int V>
+__device__ __forceinline__ void store(S* p, const Vec<S, V>& x) {
+  if constexpr (V == 1) {
+    __stwb(p, x.v[0]);
+  } else {
+    static_assert(sizeof(Vec<S, V>) == sizeof(uint4), "a vector access is 16 bytes");
+    uint4 raw;
+    memcpy(&raw, &x, sizeof(raw));
+    __stwb(reinterpret_cast<uint4*>(p), raw);
+  }
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+template <typename S>
+__device__ __forceinline__ S* address(int64_t a) {
+  return reinterpret_cast<S*>(static_cast<intptr_t>(a));
+}
+
+// Column c of the chunk table.
+struct Chunk {
+  int64_t tensor, start, len, seg;
 };
 
-template <typename S>
-__device__ __forceinline__ Pack<S> load_pack(const S* p) {  // may be written by this kernel
-  uint4 raw = *reinterpret_cast<const uint4*>(p);
-  Pack<S> out;
-  memcpy(&out, &raw, sizeof(raw));
-  return out;
+__device__ __forceinline__ Chunk column(const Lists& l, int64_t c) {
+  const int64_t n = l.n_chunks;
+  return Chunk{l.chunks[c], l.chunks[n + c], l.chunks[2 * n + c], l.chunks[3 * n + c]};
 }
 
-template <typename S>
-__device__ __forceinline__ Pack<S> load_pack_readonly(const S* p) {  // read-only: the nc path
-  uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
-  Pack<S> out;
-  memcpy(&out, &raw, sizeof(raw));
-  return out;
+__device__ __forceinline__ bool known_tensor(const Lists& l, const Chunk& ch) {
+  return ch.tensor >= 0 && ch.tensor < l.n_tensors;
 }
 
-template <typename S>
-__device__ __forceinline__ void store_pack(S* p, const Pack<S>& v) {
-  uint4 raw;
-  memcpy(&raw, &v, sizeof(raw));
-  *reinterpret_cast<uint4*>(p) = raw;
+// Whether the chunk's elements lie inside its tensor (row: the tensor's entry of the table).
+__device__ __forceinline__ bool inside(const Chunk& ch, const TensorRow& row) {
+  return ch.start >= 0 && ch.len >= 0 && ch.start <= row.numel && ch.len <= row.numel - ch.start;
 }
 
-// Chunk c's row, or false when it does not fit the bucket.
-__device__ __forceinline__ bool chunk_row(const int64_t* __restrict__ chunks, int64_t n_chunks,
-                                          int64_t c, int64_t numel, int64_t& start, int64_t& len,
-                                          int64_t& seg) {
-  start = chunks[c];
-  len = chunks[n_chunks + c];
-  seg = chunks[2 * n_chunks + c];
-  return start >= 0 && len >= 0 && start <= numel && len <= numel - start;
+// gscale = 1 / grad_scale in float (as GradScaler's unscale_ computes it), then in C.
+template <typename C>
+__device__ __forceinline__ C grad_scale_inverse(const float* grad_scale) {
+  return grad_scale == nullptr ? C(1) : static_cast<C>(__fdiv_rn(1.0f, *grad_scale));
+}
+
+// Both chunk walkers: len / V accesses per array; thread t takes accesses t, t + kThreads, ...,
+// and loads unroll() of them before using any, so that their latencies overlap.
+
+// This thread's share of the chunk's sum of double(d)^2, added in a fixed order.
+template <Dtype D, bool HAS_WD, int V>
+__device__ __forceinline__ double sumsq_chunk(const typename Traits<D>::S* __restrict__ g,
+                                              const typename Traits<D>::S* __restrict__ w,
+                                              int64_t len, typename Traits<D>::C sign,
+                                              typename Traits<D>::C wd,
+                                              typename Traits<D>::C gscale) {
+  using T = Traits<D>;
+  using S = typename T::S;
+  using C = typename T::C;
+  constexpr int U = unroll<S, V>();
+  const int64_t n = len / V;
+  double acc = 0.0;
+  for (int64_t base = threadIdx.x; base < n; base += kThreads * U) {
+    Vec<S, V> gv[U], wv[U];
+#pragma unroll
+    for (int k = 0; k < U; ++k) {
+      const int64_t i = base + k * kThreads;
+      if (i < n) {
+        gv[k] = load_nc<S, V>(g + i * V);
+        if constexpr (HAS_WD) {
+          wv[k] = load_nc<S, V>(w + i * V);  // params are read-only in sumsq
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < U; ++k) {
+      if (base + k * kThreads < n) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const C wc = HAS_WD ? T::load(wv[k].v[j]) : C(0);
+          acc += sngm::square<HAS_WD>(T::load(gv[k].v[j]), wc, sign, wd, gscale);
+        }
+      }
+    }
+  }
+  return acc;
+}
+
+template <Dtype D, bool HAS_MOM, bool NESTEROV, bool HAS_WD, int V>
+__device__ __forceinline__ void update_chunk(typename Traits<D>::S* __restrict__ w,
+                                             const typename Traits<D>::S* __restrict__ g,
+                                             typename Traits<D>::S* __restrict__ u, int64_t len,
+                                             const sngm::Hyper<typename Traits<D>::C>& h,
+                                             double inv) {
+  using T = Traits<D>;
+  using S = typename T::S;
+  using C = typename T::C;
+  constexpr int U = unroll<S, V>();
+  const int64_t n = len / V;
+  for (int64_t base = threadIdx.x; base < n; base += kThreads * U) {
+    Vec<S, V> wv[U], gv[U], uv[U];
+#pragma unroll
+    for (int k = 0; k < U; ++k) {
+      const int64_t i = base + k * kThreads;
+      if (i < n) {
+        wv[k] = load<S, V>(w + i * V);
+        gv[k] = load_nc<S, V>(g + i * V);
+        if constexpr (HAS_MOM) {
+          uv[k] = load<S, V>(u + i * V);
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < U; ++k) {
+      const int64_t i = base + k * kThreads;
+      if (i < n) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          C wc = T::load(wv[k].v[j]);
+          C uc = HAS_MOM ? T::load(uv[k].v[j]) : C(0);
+          sngm::update<HAS_MOM, NESTEROV, HAS_WD>(wc, uc, T::load(gv[k].v[j]), h, inv);
+          wv[k].v[j] = T::store(wc);
+          if constexpr (HAS_MOM) {
+            uv[k].v[j] = T::store(uc);
+          }
+        }
+        store<S, V>(w + i * V, wv[k]);
+        if constexpr (HAS_MOM) {
+          store<S, V>(u + i * V, uv[k]);
+        }
+      }
+    }
+  }
 }
 
 template <Dtype D, bool HAS_WD>
 __global__ void __launch_bounds__(kThreads)
-    sumsq_kernel(const typename Traits<D>::S* __restrict__ w,
-                 const typename Traits<D>::S* __restrict__ g, const int64_t* __restrict__ chunks,
-                 int64_t n_chunks, int64_t numel, typename Traits<D>::C sign,
-                 typename Traits<D>::C wd, void* __restrict__ partials, bool partials_f64,
-                 bool aligned16) {
-  using T = Traits<D>;
-  using S = typename T::S;
-  using C = typename T::C;
-  constexpr int N = Pack<S>::N;
-  int64_t start, len, seg;
-  if (!chunk_row(chunks, n_chunks, blockIdx.x, numel, start, len, seg)) {
-    len = 0;
-  }
-  C acc = C(0);
-  int64_t scalar_from = 0;
-  if (aligned16 && start % N == 0) {
-    const int64_t n_packs = len / N;
-    scalar_from = n_packs * N;
-    for (int64_t base = threadIdx.x; base < n_packs; base += kThreads * kUnroll<S>) {
-      Pack<S> gp[kUnroll<S>], wp[kUnroll<S>];
-#pragma unroll
-      for (int k = 0; k < kUnroll<S>; ++k) {
-        const int64_t i = base + k * kThreads;
-        if (i < n_packs) {
-          gp[k] = load_pack_readonly(g + start + i * N);
-          if constexpr (HAS_WD) {
-            wp[k] = load_pack(w + start + i * N);
-          }
-        }
-      }
-#pragma unroll
-      for (int k = 0; k < kUnroll<S>; ++k) {
-        if (base + k * kThreads < n_packs) {
-#pragma unroll
-          for (int j = 0; j < N; ++j) {
-            const C d = sngm::direction<HAS_WD>(T::load(gp[k].v[j]),
-                                                HAS_WD ? T::load(wp[k].v[j]) : C(0), sign, wd);
-            acc += d * d;
-          }
-        }
-      }
-    }
-  }
-  for (int64_t i = scalar_from + threadIdx.x; i < len; i += kThreads) {
-    const C wc = HAS_WD ? T::load(w[start + i]) : C(0);
-    const C d = sngm::direction<HAS_WD>(T::load(g[start + i]), wc, sign, wd);
-    acc += d * d;
-  }
-  using Reduce = cub::BlockReduce<C, kThreads>;
+    sumsq_kernel(const Lists l, typename Traits<D>::C sign, typename Traits<D>::C wd,
+                 double* __restrict__ partials) {
+  using S = typename Traits<D>::S;
+  using C = typename Traits<D>::C;
+  const int64_t c = blockIdx.x;
+  const Chunk ch = column(l, c);
+  const TensorRow row = known_tensor(l, ch) ? l.table[ch.tensor] : TensorRow{};
+  // A column that does not fit adds nothing, but its partial is still written: all are defined.
+  const int64_t len = inside(ch, row) ? ch.len : 0;
+  const S* g = address<const S>(row.grad) + ch.start;
+  const S* w = address<const S>(row.param) + ch.start;  // read only when HAS_WD
+  const C gscale = grad_scale_inverse<C>(l.grad_scale);
+  const double acc = len % kVec<S> == 0 && aligned16(g) && (!HAS_WD || aligned16(w))
+                         ? sumsq_chunk<D, HAS_WD, kVec<S>>(g, w, len, sign, wd, gscale)
+                         : sumsq_chunk<D, HAS_WD, 1>(g, w, len, sign, wd, gscale);
+  using Reduce = cub::BlockReduce<double, kThreads>;
   __shared__ typename Reduce::TempStorage tmp;
-  const C sum = Reduce(tmp).Sum(acc);
+  const double sum = Reduce(tmp).Sum(acc);
   if (threadIdx.x == 0) {
-    if (partials_f64) {
-      static_cast<double*>(partials)[blockIdx.x] = static_cast<double>(sum);
-    } else {
-      static_cast<float*>(partials)[blockIdx.x] = static_cast<float>(sum);
-    }
+    partials[c] = sum;
   }
 }
 
 __global__ void __launch_bounds__(kFinalizeThreads)
-    finalize_kernel(const void* __restrict__ partials, bool partials_f64,
+    finalize_kernel(const double* __restrict__ partials, int64_t n_partials,
                     const int64_t* __restrict__ seg_ptr, int64_t n_segments,
-                    void* __restrict__ sumsq, bool sumsq_f64, bool per_segment) {
-  using Reduce = cub::BlockReduce<double, kFinalizeThreads>;
-  __shared__ typename Reduce::TempStorage tmp;
-  const double* pd = static_cast<const double*>(partials);
-  const float* pf = static_cast<const float*>(partials);
-  auto put = [&](int64_t i, double v) {
-    if (sumsq_f64) {
-      static_cast<double*>(sumsq)[i] = v;
-    } else {
-      static_cast<float*>(sumsq)[i] = static_cast<float>(v);
-    }
+                    const float* __restrict__ found_inf, double* __restrict__ sumsq,
+                    bool per_segment) {
+  // seg_ptr lives on the device (the host cannot check it without a sync): clamp each segment to
+  // [0, n_partials]; an empty or reversed one sums to 0.
+  auto bounds = [&](int64_t s, int64_t& lo, int64_t& hi) {
+    lo = seg_ptr[s] < 0 ? 0 : seg_ptr[s];
+    hi = seg_ptr[s + 1] > n_partials ? n_partials : seg_ptr[s + 1];
   };
-  double total = 0.0;  // thread 0's
-  for (int64_t s = 0; s < n_segments; ++s) {
-    const int64_t lo = seg_ptr[s], hi = seg_ptr[s + 1];
-    double acc = 0.0;
-    for (int64_t i = lo + threadIdx.x; i < hi; i += kFinalizeThreads) {
-      acc += partials_f64 ? pd[i] : static_cast<double>(pf[i]);
-    }
-    const double v = Reduce(tmp).Sum(acc);
-    __syncthreads();  // tmp is reused by the next segment
-    if (threadIdx.x == 0) {
-      if (per_segment) {
-        put(1 + s, v);
+  double mine = 0.0;  // this thread's share of the total
+  if (per_segment) {
+    // norm="tensor": one segment per tensor, many and mostly a few partials each: a warp each.
+    using WarpReduce = cub::WarpReduce<double>;
+    __shared__ typename WarpReduce::TempStorage wtmp[kFinalizeWarps];
+    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+    for (int64_t s = warp; s < n_segments; s += kFinalizeWarps) {
+      int64_t lo, hi;
+      bounds(s, lo, hi);
+      double acc = 0.0;
+      for (int64_t i = lo + lane; i < hi; i += kWarp) {
+        acc += partials[i];
       }
-      total += v;
+      const double v = WarpReduce(wtmp[warp]).Sum(acc);  // valid in lane 0
+      __syncwarp();  // wtmp[warp] is reused by this warp's next segment
+      if (lane == 0) {
+        sumsq[1 + s] = v;
+        mine += v;
+      }
+    }
+  } else {
+    // norm="global": one segment over every partial (up to ~1e6): the whole block on each.
+    for (int64_t s = 0; s < n_segments; ++s) {
+      int64_t lo, hi;
+      bounds(s, lo, hi);
+      for (int64_t i = lo + threadIdx.x; i < hi; i += kFinalizeThreads) {
+        mine += partials[i];
+      }
     }
   }
+  using Reduce = cub::BlockReduce<double, kFinalizeThreads>;
+  __shared__ typename Reduce::TempStorage tmp;
+  const double total = Reduce(tmp).Sum(mine);
   if (threadIdx.x == 0) {
-    put(0, total);
+    // GradScaler found an inf or NaN in a grad: the step is skipped like any non-finite norm.
+    sumsq[0] = found_inf != nullptr && *found_inf != 0.0f ? CUDART_INF : total;
   }
 }
 
 template <Dtype D, bool HAS_MOM, bool NESTEROV, bool HAS_WD>
-__global__ void __launch_bounds__(kThreads)
-    update_kernel(typename Traits<D>::S* __restrict__ w,
-                  const typename Traits<D>::S* __restrict__ g,
-                  typename Traits<D>::S* __restrict__ u, const int64_t* __restrict__ chunks,
-                  int64_t n_chunks, int64_t numel, const void* __restrict__ sumsq, bool sumsq_f64,
-                  int64_t n_sumsq, typename Traits<D>::C lr, typename Traits<D>::C beta,
-                  typename Traits<D>::C wd, typename Traits<D>::C sign, bool aligned16) {
-  using T = Traits<D>;
-  using S = typename T::S;
-  using C = typename T::C;
-  constexpr int N = Pack<S>::N;
-  const double* sd = static_cast<const double*>(sumsq);
-  const float* sf = static_cast<const float*>(sumsq);
-  // The finite check on device: a skipped step neither loads nor stores a byte of the bucket.
-  if (sumsq_f64 ? !sngm::is_finite(sd[0]) : !sngm::is_finite(sf[0])) {
+__global__ void __launch_bounds__(kThreads, kUpdateMinBlocks<typename Traits<D>::S>)
+    update_kernel(const Lists l, const double* __restrict__ sumsq, int64_t n_sumsq,
+                  typename Traits<D>::C lr, typename Traits<D>::C beta, typename Traits<D>::C wd,
+                  typename Traits<D>::C sign) {
+  using S = typename Traits<D>::S;
+  using C = typename Traits<D>::C;
+  const int64_t c = l.n_chunks - 1 - static_cast<int64_t>(blockIdx.x);  // in reverse: see the top
+  const double total = sumsq[0];  // loaded with the column: one round trip for both
+  const Chunk ch = column(l, c);
+  // The finite check on device: a skipped step neither loads nor stores a byte of the tensors.
+  if (!sngm::is_finite(total) || !known_tensor(l, ch) || ch.seg < 0 || ch.seg >= n_sumsq) {
     return;
   }
-  int64_t start, len, seg;
-  const int64_t c = n_chunks - 1 - static_cast<int64_t>(blockIdx.x);  // in reverse: see the top
-  if (!chunk_row(chunks, n_chunks, c, numel, start, len, seg) || seg < 0 || seg >= n_sumsq) {
+  const double inv = sngm::inverse_norm(sumsq[ch.seg]);
+  const TensorRow row = l.table[ch.tensor];
+  if (!inside(ch, row)) {
     return;
   }
-  const C inv = sumsq_f64 ? sngm::inverse_norm<C>(sd[seg]) : sngm::inverse_norm<C>(sf[seg]);
-  const sngm::Hyper<C> h{lr, beta, wd, sign, inv};
-  int64_t scalar_from = 0;
-  if (aligned16 && start % N == 0) {
-    const int64_t n_packs = len / N;
-    scalar_from = n_packs * N;
-    S* wb = w + start;
-    const S* gb = g + start;
-    S* ub = HAS_MOM ? u + start : nullptr;
-    for (int64_t base = threadIdx.x; base < n_packs; base += kThreads * kUnroll<S>) {
-      Pack<S> wp[kUnroll<S>], gp[kUnroll<S>], up[kUnroll<S>];
-#pragma unroll
-      for (int k = 0; k < kUnroll<S>; ++k) {  // every load of the unrolled group first
-        const int64_t i = base + k * kThreads;
-        if (i < n_packs) {
-          wp[k] = load_pack(wb + i * N);
-          gp[k] = load_pack_readonly(gb + i * N);
-          if constexpr (HAS_MOM) {
-            up[k] = load_pack(ub + i * N);
-          }
-        }
-      }
-#pragma unroll
-      for (int k = 0; k < kUnroll<S>; ++k) {
-        const int64_t i = base + k * kThreads;
-        if (i < n_packs) {
-#pragma unroll
-          for (int j = 0; j < N; ++j) {
-            C wc = T::load(wp[k].v[j]);
-            C uc = HAS_MOM ? T::load(up[k].v[j]) : C(0);
-            sngm::update<HAS_MOM, NESTEROV, HAS_WD>(wc, uc, T::load(gp[k].v[j]), h);
-            wp[k].v[j] = T::store(wc);
-            if constexpr (HAS_MOM) {
-              up[k].v[j] = T::store(uc);
-            }
-          }
-          store_pack(wb + i * N, wp[k]);
-          if constexpr (HAS_MOM) {
-            store_pack(ub + i * N, up[k]);
-          }
-        }
-      }
-    }
-  }
-  for (int64_t i = start + scalar_from + threadIdx.x; i < start + len; i += kThreads) {
-    C wc = T::load(w[i]);
-    C uc = HAS_MOM ? T::load(u[i]) : C(0);
-    sngm::update<HAS_MOM, NESTEROV, HAS_WD>(wc, uc, T::load(g[i]), h);
-    w[i] = T::store(wc);
-    if constexpr (HAS_MOM) {
-      u[i] = T::store(uc);
-    }
+  const sngm::Hyper<C> h{lr, beta, wd, sign, grad_scale_inverse<C>(l.grad_scale)};
+  S* w = address<S>(row.param) + ch.start;
+  const S* g = address<const S>(row.grad) + ch.start;
+  S* u = HAS_MOM ? address<S>(row.momentum) + ch.start : nullptr;
+  if (ch.len % kVec<S> == 0 && aligned16(w) && aligned16(g) && (!HAS_MOM || aligned16(u))) {
+    update_chunk<D, HAS_MOM, NESTEROV, HAS_WD, kVec<S>>(w, g, u, ch.len, h, inv);
+  } else {
+    update_chunk<D, HAS_MOM, NESTEROV, HAS_WD, 1>(w, g, u, ch.len, h, inv);
   }
 }
 
@@ -311,57 +395,53 @@ cudaError_t dtype_dispatch(Dtype d, F&& f) {
   return cudaGetLastError();
 }
 
+dim3 one_block_per_chunk(int64_t n_chunks) {  // grid x: up to 2^31 - 1 blocks
+  return dim3(static_cast<unsigned int>(n_chunks));
+}
+
 }  // namespace
 
-cudaError_t launch_sumsq(const Bucket& b, double weight_decay, bool maximize, void* partials,
-                         bool partials_f64, cudaStream_t stream) {
-  if (b.n_chunks == 0) {
+cudaError_t launch_sumsq(const Lists& l, double weight_decay, bool maximize, double* partials,
+                         cudaStream_t stream) {
+  if (l.n_chunks == 0) {
     return cudaSuccess;
   }
-  return dtype_dispatch(b.dtype, [&](auto d) {
+  return dtype_dispatch(l.dtype, [&](auto d) {
     constexpr Dtype D = decltype(d)::value;
-    using T = Traits<D>;
-    using S = typename T::S;
-    using C = typename T::C;
+    using C = typename Traits<D>::C;
     bool_dispatch(weight_decay != 0.0, [&](auto has_wd) {
       sumsq_kernel<D, decltype(has_wd)::value>
-          <<<static_cast<unsigned>(b.n_chunks), kThreads, 0, stream>>>(
-              static_cast<const S*>(b.param), static_cast<const S*>(b.grad), b.chunks, b.n_chunks,
-              b.numel, maximize ? C(-1) : C(1), static_cast<C>(weight_decay), partials,
-              partials_f64, b.aligned16);
+          <<<one_block_per_chunk(l.n_chunks), kThreads, 0, stream>>>(
+              l, maximize ? C(-1) : C(1), static_cast<C>(weight_decay), partials);
     });
   });
 }
 
-cudaError_t launch_finalize(const void* partials, bool partials_f64, const int64_t* seg_ptr,
-                            int64_t n_segments, void* sumsq, bool sumsq_f64, bool per_segment,
-                            cudaStream_t stream) {
-  finalize_kernel<<<1, kFinalizeThreads, 0, stream>>>(partials, partials_f64, seg_ptr, n_segments,
-                                                       sumsq, sumsq_f64, per_segment);
+cudaError_t launch_finalize(const double* partials, int64_t n_partials, const int64_t* seg_ptr,
+                            int64_t n_segments, const float* found_inf, double* sumsq,
+                            bool per_segment, cudaStream_t stream) {
+  finalize_kernel<<<1, kFinalizeThreads, 0, stream>>>(partials, n_partials, seg_ptr, n_segments,
+                                                       found_inf, sumsq, per_segment);
   return cudaGetLastError();
 }
 
-cudaError_t launch_update(const Bucket& b, const void* sumsq, bool sumsq_f64, int64_t n_sumsq,
+cudaError_t launch_update(const Lists& l, bool has_momentum, const double* sumsq, int64_t n_sumsq,
                           double lr, double momentum, double weight_decay, bool nesterov,
                           bool maximize, cudaStream_t stream) {
-  if (b.n_chunks == 0) {
+  if (l.n_chunks == 0) {
     return cudaSuccess;
   }
-  return dtype_dispatch(b.dtype, [&](auto d) {
+  return dtype_dispatch(l.dtype, [&](auto d) {
     constexpr Dtype D = decltype(d)::value;
-    using T = Traits<D>;
-    using S = typename T::S;
-    using C = typename T::C;
+    using C = typename Traits<D>::C;
     auto launch = [&](auto has_mom, auto nest, auto has_wd) {
       update_kernel<D, decltype(has_mom)::value, decltype(nest)::value, decltype(has_wd)::value>
-          <<<static_cast<unsigned>(b.n_chunks), kThreads, 0, stream>>>(
-              static_cast<S*>(b.param), static_cast<const S*>(b.grad), static_cast<S*>(b.momentum),
-              b.chunks, b.n_chunks, b.numel, sumsq, sumsq_f64, n_sumsq, static_cast<C>(lr),
-              static_cast<C>(momentum), static_cast<C>(weight_decay), maximize ? C(-1) : C(1),
-              b.aligned16);
+          <<<one_block_per_chunk(l.n_chunks), kThreads, 0, stream>>>(
+              l, sumsq, n_sumsq, static_cast<C>(lr), static_cast<C>(momentum),
+              static_cast<C>(weight_decay), maximize ? C(-1) : C(1));
     };
     bool_dispatch(weight_decay != 0.0, [&](auto has_wd) {
-      if (b.momentum == nullptr) {
+      if (!has_momentum) {
         launch(std::false_type{}, std::false_type{}, has_wd);
       } else {
         bool_dispatch(nesterov, [&](auto nest) { launch(std::true_type{}, nest, has_wd); });

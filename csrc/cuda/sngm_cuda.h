@@ -11,26 +11,42 @@ namespace cuda {
 
 enum class Dtype : int { kFloat = 0, kDouble = 1, kBFloat16 = 2, kHalf = 3 };
 
-// Chunk table rows (start, length, segment) that do not fit the bucket or sumsq are skipped.
-struct Bucket {
-  void* param;
-  const void* grad;
-  void* momentum;  // nullptr: no momentum
-  Dtype dtype;
+// Row t of the device table: where tensor t of the lists lives and how many elements it has.
+// Addresses are stored as integers so that the host fills a plain int64 tensor [n_tensors, 4].
+// 8-byte aligned on purpose: the row is read with 64-bit loads, so every 128-bit access in the
+// PTX is one of the data path's (scripts/cuda_compile_check.py counts them).
+struct TensorRow {
+  int64_t param;
+  int64_t grad;
+  int64_t momentum;  // 0 without momentum
   int64_t numel;
-  const int64_t* chunks;  // int64 [3, n_chunks] on the device
-  int64_t n_chunks;
-  bool aligned16;  // param, grad (and momentum) are 16-byte aligned: 128-bit loads where possible
+};
+static_assert(sizeof(TensorRow) == 4 * sizeof(int64_t), "TensorRow is one int64 row of 4");
+
+// What sumsq and update walk: the tensor lists (through the device table) and the chunk table.
+// A column that does not fit (tensor index outside the lists, start or length outside the tensor;
+// for update also a segment outside sumsq) is skipped: the host cannot read the device's chunk
+// table without a sync. sumsq still writes the skipped column's partial, as 0.
+struct Lists {
+  Dtype dtype;
+  const TensorRow* table;   // [n_tensors] on the device
+  int64_t n_tensors;
+  const int64_t* chunks;    // int64 [4, n_chunks] on the device: tensor, start, length, segment
+  int64_t n_chunks;         // < 2^31 (one block each, grid x)
+  const float* grad_scale;  // 0-dim float32 on the device; nullptr: gscale = 1
 };
 
-cudaError_t launch_sumsq(const Bucket& b, double weight_decay, bool maximize, void* partials,
-                         bool partials_f64, cudaStream_t stream);
+// partials[c] = chunk c's sum of d^2 (the caller offsets partials by partial_offset).
+cudaError_t launch_sumsq(const Lists& l, double weight_decay, bool maximize, double* partials,
+                         cudaStream_t stream);
 
-cudaError_t launch_finalize(const void* partials, bool partials_f64, const int64_t* seg_ptr,
-                            int64_t n_segments, void* sumsq, bool sumsq_f64, bool per_segment,
-                            cudaStream_t stream);
+// sumsq[0] = the sum over the segments of partials[seg_ptr[s]:seg_ptr[s+1]] (+inf when found_inf
+// is given and nonzero); with per_segment also sumsq[1 + s] = segment s's sum.
+cudaError_t launch_finalize(const double* partials, int64_t n_partials, const int64_t* seg_ptr,
+                            int64_t n_segments, const float* found_inf, double* sumsq,
+                            bool per_segment, cudaStream_t stream);
 
-cudaError_t launch_update(const Bucket& b, const void* sumsq, bool sumsq_f64, int64_t n_sumsq,
+cudaError_t launch_update(const Lists& l, bool has_momentum, const double* sumsq, int64_t n_sumsq,
                           double lr, double momentum, double weight_decay, bool nesterov,
                           bool maximize, cudaStream_t stream);
 

@@ -1,7 +1,9 @@
-// sngm_native::{sumsq, finalize, update} for the CUDA dispatch key: argument checks, the current
-// stream and device, then the launchers of sngm_cuda.cu. Module sngm_ext._C_cuda; the op schemas
-// come from the CPU module (csrc/bindings/ops.cpp), which sngm_ext/native.py loads first.
+// sngm_native::{sumsq, finalize, update} for the CUDA dispatch key (docs_spec_ops.md): argument
+// checks, the device table of the lists' pointers, the current device and stream, then the
+// launchers of sngm_cuda.cu. Module sngm_ext._C_cuda; the schemas are defined in Python
+// (sngm_ext/_ops.py), so this registers implementations only and needs no other module.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -13,14 +15,13 @@
 #include "../sngm_common.h"
 #include "sngm_cuda.h"
 
-
 extern "C" SNGM_USED const char sngm_cuda_source_marker[] =
     "sngm-source-hash:" SNGM_STR(SNGM_SOURCE_HASH);
 
 namespace sngm {
 namespace {
 
-cuda::Dtype to_dtype(c10::ScalarType t) {
+cuda::Dtype to_dtype(c10::ScalarType t, const char* op) {
   switch (t) {
     case c10::kFloat:
       return cuda::Dtype::kFloat;
@@ -31,94 +32,196 @@ cuda::Dtype to_dtype(c10::ScalarType t) {
     case c10::kHalf:
       return cuda::Dtype::kHalf;
     default:
-      TORCH_CHECK(false, "sngm_native: unsupported dtype ", t,
+      TORCH_CHECK(false, "sngm_native::", op, ": unsupported dtype ", t,
                   "; supported param dtypes are float32, float64, bfloat16 and float16");
   }
   return cuda::Dtype::kFloat;  // not reached
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-cuda::Bucket bucket_of(const at::Tensor& param, const at::Tensor& grad,
-                       const std::optional<at::Tensor>& momentum, const at::Tensor& chunks) {
-  cuda::Bucket b;
-  b.param = param.data_ptr();
-  b.grad = grad.const_data_ptr();
-  b.momentum = momentum.has_value() ? momentum->data_ptr() : nullptr;
-  b.dtype = to_dtype(param.scalar_type());
-  b.numel = param.numel();
-  b.chunks = chunks.const_data_ptr<int64_t>();
-  b.n_chunks = chunks.size(1);
-  b.aligned16 = aligned16(b.param) && aligned16(b.grad) &&
-                (b.momentum == nullptr || aligned16(b.momentum));
-  return b;
-}
-
-void check_on(const at::Tensor& t, const at::Tensor& param, const char* op, const char* what) {
-  TORCH_CHECK(t.device() == param.device(), "sngm_native::", op, ": ", what, " is on ",
-              t.device(), " but param is on ", param.device());
+// A tensor of the op's own (chunks, partials, sumsq, seg_ptr): dtype, contiguous, on `device`.
+void check_aux(const at::Tensor& t, c10::ScalarType dtype, c10::Device device, const char* op,
+               const char* what) {
+  TORCH_CHECK(t.scalar_type() == dtype, "sngm_native::", op, ": ", what, " must be ", dtype,
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == device, "sngm_native::", op, ": ", what, " is on ", t.device(),
+              ", expected ", device);
   TORCH_CHECK(t.is_contiguous(), "sngm_native::", op, ": ", what, " must be contiguous");
 }
 
-void sumsq_cuda(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& chunks,
-                double weight_decay, bool maximize, const at::Tensor& partials,
-                int64_t partial_offset) {
-  check_bucket("sumsq", c10::DeviceType::CUDA, param, grad, std::nullopt, chunks);
-  check_acc_dtype(partials, "sumsq", "partials");
-  check_on(partials, param, "sumsq", "partials");
+// grad_scale / found_inf: GradScaler's 0-dim float32 tensors, read by the kernels on the device.
+const float* scalar_f32(const std::optional<at::Tensor>& t, c10::Device device, const char* op,
+                        const char* what) {
+  if (!t.has_value()) {
+    return nullptr;
+  }
+  check_aux(*t, c10::kFloat, device, op, what);
+  TORCH_CHECK(t->dim() == 0, "sngm_native::", op, ": ", what, " must be a 0-dim tensor, got shape ",
+              t->sizes());
+  return t->const_data_ptr<float>();
+}
+
+// The kernels address element i of every tensor of list index i as data_ptr + i: right when
+// param, grad and momentum are all contiguous, or all non-overlapping and dense with one set of
+// strides (channels_last): the same memory order for the three.
+void check_like_param(const at::Tensor& param, const at::Tensor& t, c10::Device device,
+                      const char* op, const char* list, size_t i) {
+  TORCH_CHECK(t.scalar_type() == param.scalar_type(), "sngm_native::", op, ": ", list, "[", i,
+              "] has dtype ", t.scalar_type(), " but params[", i, "] has ",
+              param.scalar_type());
+  TORCH_CHECK(t.device() == device, "sngm_native::", op, ": ", list, "[", i, "] is on ",
+              t.device(), ", expected ", device);
+  TORCH_CHECK(t.numel() == param.numel(), "sngm_native::", op, ": ", list, "[", i, "] has ",
+              t.numel(), " elements but params[", i, "] has ", param.numel());
+  TORCH_CHECK((t.is_contiguous() && param.is_contiguous()) ||
+                  (t.is_non_overlapping_and_dense() && t.strides() == param.strides()),
+              "sngm_native::", op, ": ", list, "[", i, "] (strides ", t.strides(),
+              ") must be contiguous like params[", i, "] or share its strides (", param.strides(),
+              ") and be non-overlapping and dense");
+}
+
+// Every check of sumsq's and update's lists and chunk table but the table's contents (the kernels
+// skip rows that do not fit). Returns the device everything is on.
+c10::Device check_lists(const char* op, at::TensorList params, at::TensorList grads,
+                        at::TensorList momentum, const at::Tensor& chunks) {
+  TORCH_CHECK(chunks.is_cuda(), "sngm_native::", op, ": this kernel runs on CUDA tensors, got "
+              "chunks on ", chunks.device());
+  const c10::Device device = chunks.device();
+  check_aux(chunks, c10::kLong, device, op, "chunks");
+  TORCH_CHECK(chunks.dim() == 2 && chunks.size(0) == 4, "sngm_native::", op,
+              ": chunks must have shape [4, n_chunks] (tensor, start, length, segment), got ",
+              chunks.sizes());
+  TORCH_CHECK(chunks.size(1) < (int64_t{1} << 31), "sngm_native::", op, ": ", chunks.size(1),
+              " chunks, more than one launch takes (2^31 - 1)");
+  TORCH_CHECK(grads.size() == params.size(), "sngm_native::", op, ": ", params.size(),
+              " params but ", grads.size(), " grads");
+  TORCH_CHECK(momentum.empty() || momentum.size() == params.size(), "sngm_native::", op, ": ",
+              params.size(), " params but ", momentum.size(),
+              " momentum_buffers (expected none or one per param)");
+  if (!params.empty()) {
+    to_dtype(params[0].scalar_type(), op);
+  }
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.device() == device, "sngm_native::", op, ": params[", i, "] is on ", p.device(),
+                ", expected ", device, " (the chunks' device)");
+    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), "sngm_native::", op, ": params[", i,
+                "] has dtype ", p.scalar_type(), " but params[0] has ",
+                params[0].scalar_type());
+    TORCH_CHECK(p.is_non_overlapping_and_dense(), "sngm_native::", op, ": params[", i,
+                "] (sizes ", p.sizes(), ", strides ", p.strides(),
+                ") must be non-overlapping and dense");
+    check_like_param(p, grads[i], device, op, "grads", i);
+    if (!momentum.empty()) {
+      check_like_param(p, momentum[i], device, op, "momentum_buffers", i);
+    }
+  }
+  return device;
+}
+
+// The device table (sngm_cuda.h TensorRow): filled in pinned memory and copied on the current
+// stream without a host sync. The caching host allocator keeps the pinned block until the copy
+// is done, and the device block is reused only by later work on this stream. `writes`: update
+// writes params and momentum, so it takes their mutable pointers (a copy-on-write storage is
+// materialized first).
+at::Tensor device_table(at::TensorList params, at::TensorList grads, at::TensorList momentum,
+                        c10::Device device, bool writes) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  at::Tensor host = at::empty({n, 4}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  int64_t* rows = host.data_ptr<int64_t>();
+  auto address = [](const void* p) {
+    return static_cast<int64_t>(reinterpret_cast<intptr_t>(p));
+  };
+  for (int64_t i = 0; i < n; ++i) {
+    rows[4 * i + 0] =
+        address(writes ? params[i].mutable_data_ptr() : params[i].const_data_ptr());
+    rows[4 * i + 1] = address(grads[i].const_data_ptr());
+    rows[4 * i + 2] = momentum.empty() ? 0 : address(momentum[i].mutable_data_ptr());
+    rows[4 * i + 3] = params[i].numel();
+  }
+  at::Tensor table = at::empty({n, 4}, at::TensorOptions().dtype(at::kLong).device(device));
+  table.copy_(host, /*non_blocking=*/true);
+  return table;
+}
+
+cuda::Lists lists_of(at::TensorList params, const at::Tensor& table, const at::Tensor& chunks,
+                     const float* grad_scale, const char* op) {
+  cuda::Lists l;
+  l.dtype = params.empty() ? cuda::Dtype::kFloat : to_dtype(params[0].scalar_type(), op);
+  l.table = reinterpret_cast<const cuda::TensorRow*>(table.const_data_ptr<int64_t>());
+  l.n_tensors = table.size(0);
+  l.chunks = chunks.const_data_ptr<int64_t>();
+  l.n_chunks = chunks.size(1);
+  l.grad_scale = grad_scale;
+  return l;
+}
+
+void sumsq(at::TensorList params, at::TensorList grads, const at::Tensor& chunks,
+           const std::optional<at::Tensor>& grad_scale, double weight_decay, bool maximize,
+           const at::Tensor& partials, int64_t partial_offset) {
+  const c10::Device device = check_lists("sumsq", params, grads, {}, chunks);
+  const float* gs = scalar_f32(grad_scale, device, "sumsq", "grad_scale");
+  check_aux(partials, c10::kDouble, device, "sumsq", "partials");
   const int64_t n = chunks.size(1);
-  TORCH_CHECK(partial_offset >= 0 && partial_offset + n <= partials.numel(),
+  TORCH_CHECK(partial_offset >= 0 && partial_offset <= partials.numel() - n,
               "sngm_native::sumsq: partials[", partial_offset, ":", partial_offset + n,
               "] is out of range for ", partials.numel(), " partials");
-  TORCH_CHECK(n < (int64_t{1} << 31), "sngm_native::sumsq: too many chunks");
   if (n == 0) {
     return;
   }
-  c10::cuda::CUDAGuard guard(param.device());
-  const bool f64 = partials.scalar_type() == c10::kDouble;
-  char* out = static_cast<char*>(partials.data_ptr()) + partial_offset * partials.element_size();
-  C10_CUDA_CHECK(cuda::launch_sumsq(bucket_of(param, grad, std::nullopt, chunks), weight_decay,
-                                    maximize, out, f64, c10::cuda::getCurrentCUDAStream()));
+  c10::cuda::CUDAGuard guard(device);
+  const at::Tensor table = device_table(params, grads, {}, device, /*writes=*/false);
+  C10_CUDA_CHECK(cuda::launch_sumsq(lists_of(params, table, chunks, gs, "sumsq"), weight_decay,
+                                    maximize, partials.data_ptr<double>() + partial_offset,
+                                    c10::cuda::getCurrentCUDAStream(device.index())));
 }
 
-void finalize_cuda(const at::Tensor& partials, const at::Tensor& seg_ptr, const at::Tensor& sumsq) {
-  TORCH_CHECK(partials.is_cuda() && seg_ptr.device() == partials.device() &&
-                  sumsq.device() == partials.device(),
-              "sngm_native::finalize: expected partials, seg_ptr and sumsq on one CUDA device");
-  check_finalize(partials, seg_ptr, sumsq);
+void finalize(const at::Tensor& partials, const at::Tensor& seg_ptr,
+              const std::optional<at::Tensor>& found_inf, const at::Tensor& sumsq) {
+  TORCH_CHECK(sumsq.is_cuda(), "sngm_native::finalize: this kernel runs on CUDA tensors, got "
+              "sumsq on ", sumsq.device());
+  const c10::Device device = sumsq.device();
+  check_aux(partials, c10::kDouble, device, "finalize", "partials");
+  check_aux(seg_ptr, c10::kLong, device, "finalize", "seg_ptr");
+  check_aux(sumsq, c10::kDouble, device, "finalize", "sumsq");
+  const float* fi = scalar_f32(found_inf, device, "finalize", "found_inf");
+  TORCH_CHECK(seg_ptr.dim() == 1 && seg_ptr.numel() >= 1,
+              "sngm_native::finalize: seg_ptr must have shape [n_segments + 1], got ",
+              seg_ptr.sizes());
   const int64_t n_seg = seg_ptr.numel() - 1;
-  const bool per_segment = sumsq.numel() > 1;
-  c10::cuda::CUDAGuard guard(partials.device());
-  C10_CUDA_CHECK(cuda::launch_finalize(
-      partials.const_data_ptr(), partials.scalar_type() == c10::kDouble,
-      seg_ptr.const_data_ptr<int64_t>(), n_seg, sumsq.data_ptr(),
-      sumsq.scalar_type() == c10::kDouble, per_segment, c10::cuda::getCurrentCUDAStream()));
+  TORCH_CHECK(sumsq.numel() == 1 || sumsq.numel() >= 1 + n_seg, "sngm_native::finalize: sumsq has ",
+              sumsq.numel(), " entries: 1 (the total) or at least 1 + ", n_seg,
+              " (the total and one per segment)");
+  c10::cuda::CUDAGuard guard(device);
+  C10_CUDA_CHECK(cuda::launch_finalize(partials.const_data_ptr<double>(), partials.numel(),
+                                       seg_ptr.const_data_ptr<int64_t>(), n_seg, fi,
+                                       sumsq.data_ptr<double>(), sumsq.numel() > 1,
+                                       c10::cuda::getCurrentCUDAStream(device.index())));
 }
 
-void update_cuda(const at::Tensor& param, const at::Tensor& grad,
-                 const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& chunks,
-                 const at::Tensor& sumsq, double lr, double momentum, double weight_decay,
-                 bool nesterov, bool maximize) {
-  check_bucket("update", c10::DeviceType::CUDA, param, grad, momentum_buffer, chunks);
-  check_acc_dtype(sumsq, "update", "sumsq");
-  check_on(sumsq, param, "update", "sumsq");
+void update(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+            const at::Tensor& chunks, const at::Tensor& sumsq,
+            const std::optional<at::Tensor>& grad_scale, double lr, double momentum,
+            double weight_decay, bool nesterov, bool maximize) {
+  const c10::Device device = check_lists("update", params, grads, momentum_buffers, chunks);
+  const float* gs = scalar_f32(grad_scale, device, "update", "grad_scale");
+  check_aux(sumsq, c10::kDouble, device, "update", "sumsq");
   TORCH_CHECK(sumsq.numel() >= 1, "sngm_native::update: sumsq is empty");
-  TORCH_CHECK(chunks.size(1) < (int64_t{1} << 31), "sngm_native::update: too many chunks");
   if (chunks.size(1) == 0) {
     return;
   }
-  c10::cuda::CUDAGuard guard(param.device());
-  C10_CUDA_CHECK(cuda::launch_update(bucket_of(param, grad, momentum_buffer, chunks),
-                                     sumsq.const_data_ptr(), sumsq.scalar_type() == c10::kDouble,
-                                     sumsq.numel(), lr, momentum, weight_decay, nesterov, maximize,
-                                     c10::cuda::getCurrentCUDAStream()));
+  c10::cuda::CUDAGuard guard(device);
+  const at::Tensor table = device_table(params, grads, momentum_buffers, device, /*writes=*/true);
+  C10_CUDA_CHECK(cuda::launch_update(lists_of(params, table, chunks, gs, "update"),
+                                     !momentum_buffers.empty(), sumsq.const_data_ptr<double>(),
+                                     sumsq.numel(), lr, momentum, weight_decay, nesterov,
+                                     maximize, c10::cuda::getCurrentCUDAStream(device.index())));
 }
 
 }  // namespace
 }  // namespace sngm
 
 TORCH_LIBRARY_IMPL(sngm_native, CUDA, m) {
-  m.impl("sumsq", &sngm::sumsq_cuda);
-  m.impl("finalize", &sngm::finalize_cuda);
-  m.impl("update", &sngm::update_cuda);
+  m.impl("sumsq", &sngm::sumsq);
+  m.impl("finalize", &sngm::finalize);
+  m.impl("update", &sngm::update);
 }
