@@ -13,21 +13,13 @@ Variants (all with lr=0.1, momentum=0.9, weight_decay=1e-4):
     sngm-foreach       SNGM written with torch._foreach_* ops (benchmarks/foreach_sngm.py)
     sngm-reference     sngm_ext.SNGM(backend="reference")
     sngm-<backend>     sngm_ext.SNGM(backend=...) for each fused backend that runs here
-                       (triton and cuda on a GPU, cpu on a CPU), grads already views of the
-                       optimizer's flat grad bucket: the steady state of a loop that zeroes
-                       grads with zero_grad(set_to_none=False)
-    sngm-<backend>+gather  the same optimizer when every .grad is a tensor of its own that no
-                       grad hook has moved into the bucket (grads set by hand, or re-pointed by
-                       another owner such as DDP's gradient_as_bucket_view): the step first copies
-                       them into its bucket. (After zero_grad(set_to_none=True) and backward,
-                       sngm_ext's post-accumulate-grad hooks do that copy inside backward, while
-                       each grad is still in cache, and the step runs as sngm-<backend>.)
+                       (triton and cuda on a GPU, cpu on a CPU): the kernels read and write the
+                       params, grads and momentum where they live, whichever tensors they are
 
 Bytes model (bytes per param element of the params' dtype, s bytes each): what the step must move.
     SGD with momentum       read g, w, u; write w, u                               5 s
     SNGM                    phase 1 (norm) reads g, and w when weight_decay != 0;
                             phase 2 reads g, w, u and writes w, u                  7 s  (6 s without wd)
-    SNGM +gather            + read the fresh grad, write it into the bucket        9 s  (8 s)
 GB/s = bytes / median step time; "of copy" divides that by the bandwidth of dst.copy_(src)
 on 256 MiB (GPU: 512 MiB) buffers, 2 x size bytes, timed as one more case in the same interleaved
 rounds as the set (so it sees the same machine state). Extra memory: bytes of the tensors the optimizer holds
@@ -72,8 +64,6 @@ BYTES_MODEL = {
     "sgd": "5 s: read grad, param, momentum; write param, momentum",
     "sngm": "7 s (6 s when weight_decay == 0): phase 1 reads grad (+ param for weight decay); "
     "phase 2 reads grad, param, momentum and writes param, momentum",
-    "sngm+gather": "9 s (8 s): as sngm, plus copying each fresh .grad into the flat grad bucket "
-    "(read + write)",
     "copy": "dst.copy_(src): 2 x size bytes",
 }
 
@@ -88,18 +78,12 @@ class VariantSpec:
     family: str  # "sgd" or "sngm"
     impl: str
     backend: Optional[str] = None  # sngm_ext backend
-    grads: str = "given"  # "given" (grads set once), "bucket" (views of the bucket), "fresh"
 
     def bytes_per_elem(self, weight_decay: float = WEIGHT_DECAY) -> int:
-        if self.family == "sgd":
-            return 5
-        n = 6 + (weight_decay != 0)
-        return n + 2 if self.grads == "fresh" else n
+        return 5 if self.family == "sgd" else 6 + (weight_decay != 0)
 
     def bytes_model(self) -> str:
-        if self.family == "sgd":
-            return BYTES_MODEL["sgd"]
-        return BYTES_MODEL["sngm+gather" if self.grads == "fresh" else "sngm"]
+        return BYTES_MODEL[self.family]
 
 
 def _sgd_fused_ok(device: torch.device) -> Optional[str]:
@@ -150,8 +134,7 @@ def variant_specs(device: torch.device) -> tuple:
             missing[f"sngm-{name}"] = why
             continue
         impl = f"sngm_ext.SNGM(backend='{name}')"
-        specs.append(VariantSpec(f"sngm-{name}", "sngm", impl, backend=name, grads="bucket"))
-        specs.append(VariantSpec(f"sngm-{name}+gather", "sngm", impl, backend=name, grads="fresh"))
+        specs.append(VariantSpec(f"sngm-{name}", "sngm", impl, backend=name))
     return specs, missing
 
 
@@ -161,16 +144,13 @@ class Built:
     opt: torch.optim.Optimizer
     params: List[torch.Tensor]
     step: Callable[[], object]
-    before: Optional[Callable[[], object]] = None
 
 
 class Workload:
     """The tensors of one param set on one device, and the optimizers that step them.
 
-    The grads are made once (the state after backward) and shared. The SGD variants, the foreach
-    SNGM and the reference SNGM step one shared list of params (each with its own momentum); each
-    fused SNGM backend gets its own copy, since it moves the params into its flat bucket. The
-    bucket-view and +gather variants of a backend share one optimizer.
+    The grads are made once (the state after backward) and shared. Every variant steps one
+    shared list of params, each optimizer with its own momentum.
     """
 
     def __init__(self, pset: ParamSet, device: torch.device, seed: int = 0):
@@ -181,7 +161,6 @@ class Workload:
         self.shared = [torch.nn.Parameter(self._rand(s, gen, 0.02)) for s in pset.shapes]
         for p, g in zip(self.shared, self.grads):
             p.grad = g
-        self._own: Dict[str, Built] = {}
 
     def _rand(self, shape, gen, scale) -> torch.Tensor:
         if self.device.type == "cuda":  # fast on the device; values do not matter for timing
@@ -189,11 +168,6 @@ class Workload:
         else:
             t = torch.randn(shape, generator=gen, dtype=torch.float32)
         return (t * scale).to(self.pset.dtype)
-
-    def drop(self, spec: VariantSpec) -> None:
-        """Forget a fused backend's optimizer (after it ran out of memory)."""
-        if spec.backend is not None:
-            self._own.pop(spec.backend, None)
 
     def build(self, spec: VariantSpec) -> Built:
         if spec.family == "sgd":
@@ -211,25 +185,8 @@ class Workload:
             return Built(spec, opt, self.shared, opt.step)
         from sngm_ext import SNGM
 
-        if spec.backend == "reference":
-            opt = SNGM(self.shared, backend="reference", **HYPER)
-            return Built(spec, opt, self.shared, opt.step)
-        base = self._own.get(spec.backend)
-        if base is None:
-            params = [torch.nn.Parameter(p.detach().clone()) for p in self.shared]
-            for p, g in zip(params, self.grads):
-                p.grad = g
-            opt = SNGM(params, backend=spec.backend, **HYPER)
-            base = self._own[spec.backend] = Built(spec, opt, params, opt.step)
-        if spec.grads == "fresh":
-            params, grads = base.params, self.grads
-
-            def fresh():
-                for p, g in zip(params, grads):
-                    p.grad = g
-
-            return Built(spec, base.opt, base.params, base.opt.step, fresh)
-        return Built(spec, base.opt, base.params, base.opt.step)
+        opt = SNGM(self.shared, backend=spec.backend, **HYPER)
+        return Built(spec, opt, self.shared, opt.step)
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,8 +329,6 @@ def measure_set(pset: ParamSet, device: torch.device, specs: Sequence[VariantSpe
             progress.update(f"{label} warm-up {spec.name}")
             times = []  # the first step builds state (momentum, tables): never an estimate
             while len(times) < settings.warmup:
-                if b.before:
-                    b.before()
                 times.append(timer(b.step))
                 if len(times) >= 2 and sum(times) > settings.warmup_budget_s:
                     break
@@ -382,12 +337,11 @@ def measure_set(pset: ParamSet, device: torch.device, specs: Sequence[VariantSpe
         except torch.cuda.OutOfMemoryError as e:  # type: ignore[attr-defined]
             skipped[spec.name] = f"out of memory: {str(e).splitlines()[0]}"
             b = None
-            wl.drop(spec)
         if spec.name in skipped:
             gc.collect()
             torch.cuda.empty_cache()
 
-    cases = [Case(b.spec.name, b.step, b.before) for b in built]
+    cases = [Case(b.spec.name, b.step) for b in built]
     if probe is not None:  # the copy, timed in the same rounds: the yardstick for "of copy"
         cases.append(probe.case())
         est["copy"] = max(min(timer(probe.step) for _ in range(2)), 1e-7)
@@ -410,8 +364,6 @@ def measure_set(pset: ParamSet, device: torch.device, specs: Sequence[VariantSpe
     rows = []
     for b in built:
         st = summarize(samples[b.spec.name])
-        if b.before:
-            b.before()  # fresh grads in place: the grad bucket is extra memory then
         extra = extra_bytes(b.opt, b.params)
         peak = None
         if device.type == "cuda":
@@ -421,15 +373,12 @@ def measure_set(pset: ParamSet, device: torch.device, specs: Sequence[VariantSpe
             b.step()
             torch.cuda.synchronize(device)
             peak = torch.cuda.max_memory_allocated(device) - base
-        elif b.before:
-            b.step()
         nbytes = b.spec.bytes_per_elem() * pset.elem_size * pset.numel
         rows.append({
             "variant": b.spec.name,
             "family": b.spec.family,
             "impl": b.spec.impl,
             "backend": b.spec.backend,
-            "grads": b.spec.grads,
             "bytes_per_elem": b.spec.bytes_per_elem() * pset.elem_size,
             "bytes_model": b.spec.bytes_model(),
             "bytes_per_step": nbytes,

@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 $PY -m pip install -q -r requirements-dev.txt
+# Checkpoint tools the tests save with (tests/test_user_tensors.py), without their dependencies:
+# nothing they pull in may move torch, and the save paths need none of it.
+$PY -m pip install -q --no-deps safetensors accelerate huggingface_hub psutil
 # --no-build-isolation: build against the torch just installed, not a fresh multi-GB CUDA one.
 $PY -m pip install -q --no-build-isolation -e .
 # Headers and libraries of a CUDA build of torch for the CUDA compile/link check

@@ -91,7 +91,8 @@ def collect_lists(groups: Sequence[TensorGroup]):
             if g is None:
                 continue
             dt = p.dtype
-            if g.dtype is not dt or g.layout is not strided:
+            n = p.numel()
+            if g.dtype is not dt or g.layout is not strided or g.numel() != n:
                 _check_grad(p, g)
             if device is None:
                 device = p.device
@@ -127,7 +128,7 @@ def collect_lists(groups: Sequence[TensorGroup]):
             lst.grads.append(g)
             if u is not None:
                 lst.bufs.append(u)
-            lst.numels.append(p.numel())
+            lst.numels.append(n)
             lst.index.append(i)
     return lists, copies, device
 

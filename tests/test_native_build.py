@@ -107,17 +107,14 @@ BUILD = """
     import json, time
     import torch
     from sngm_ext import native
-    from test_native_cpu import assert_native_close, run
+    from scenarios import assert_runs_match, run
 
     t = time.time()
     native.load_ops("cpu")
     secs = time.time() - t
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        ref = run("reference", dtype, "three_groups")
-        nat = run("cpu", dtype, "three_groups")
-        for x, y in zip(nat[0] + nat[1], ref[0] + ref[1]):
-            if x is not None:
-                assert_native_close(x, y, dtype)
+        assert_runs_match(run("cpu", dtype, "three_groups"), run("reference", dtype, "three_groups"),
+                          dtype)
     info = native.info()["cpu"]
     print(json.dumps({"how": info["how"], "capability": info["capability"], "seconds": secs}))
 """
