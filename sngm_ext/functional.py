@@ -39,6 +39,7 @@ def sngm_groups(
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
     plans=None,
+    last_device: Optional[torch.device] = None,
     backward_sums=None,
 ) -> Tensor:
     """One SNGM step over several param groups sharing ONE norm; returns it (fp64 0-dim, on device).
@@ -48,7 +49,8 @@ def sngm_groups(
     with the buffers to keep. ``reduce_sumsq`` (distributed.py) all-reduces the sums of squares
     between the two phases. ``grad_scale`` / ``found_inf``: ``torch.amp.GradScaler``'s tensors
     (grads still multiplied by ``grad_scale``; ``found_inf`` nonzero skips the step). ``plans``
-    (a :class:`~sngm_ext.layout.PlanCache`) keeps chunk tables across calls.
+    (a :class:`~sngm_ext.layout.PlanCache`) keeps chunk tables across calls; ``last_device``, the
+    params' device at the previous call, spares a check per momentum buffer when they stayed.
     """
     _check_norm(norm)
     device = _device_of(groups)
@@ -86,7 +88,7 @@ def sngm_groups(
     return fused_step(groups, ops, per_tensor=norm == "tensor", skipped_steps=skipped_steps,
                       plans=plans if plans is not None else PlanCache(), reduce_sumsq=reduce_sumsq,
                       grad_scale=grad_scale, found_inf=found_inf, device=device,
-                      backward_sums=backward_sums)
+                      last_device=last_device, backward_sums=backward_sums)
 
 
 def sngm(

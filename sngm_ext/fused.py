@@ -66,21 +66,23 @@ class StepList:
         self.index: List[int] = []  # position of each tensor in its group's param list
 
 
-def collect_lists(groups: Sequence[TensorGroup]):
+def collect_lists(groups: Sequence[TensorGroup], last_device: Optional[torch.device] = None):
     """Check this step's tensors and sort them into kernel lists; writes nothing a caller can see.
 
     Returns ``(lists, copies, device)``: ``copies`` are (user tensor, contiguous stand-in) pairs to
     copy back after the update. Entries of ``momentum_buffers`` that are None (momentum != 0), or
-    of another dtype or device than their param, are replaced by the buffers to keep.
+    of another dtype or device than their param (after ``model.double()`` or ``.to()``), are
+    replaced by the buffers to keep.
 
-    This runs for every tensor on every step, so the common case (a dense grad of the param's
-    dtype, everything contiguous) costs a handful of attribute reads; whatever is unusual takes
-    the slow checks. The native ops check dtypes, sizes and layouts again in C++.
+    This runs for every tensor on every step, so the common case (a grad of the param's dtype and
+    size, everything contiguous, the params where they were last step: ``last_device``) costs a
+    few attribute reads; anything else takes the full checks. The native ops check dtypes, sizes,
+    devices and layouts again in C++ before they write.
     """
     lists: List[StepList] = []
     copies: List[tuple] = []
     device = None
-    strided = torch.strided
+    moved = True  # check every momentum buffer's device (the first step, or the params moved)
     for gi, grp in enumerate(groups):
         has_mom = grp.momentum != 0
         by_dtype = {}
@@ -92,16 +94,16 @@ def collect_lists(groups: Sequence[TensorGroup]):
                 continue
             dt = p.dtype
             n = p.numel()
-            if g.dtype is not dt or g.layout is not strided or g.numel() != n:
+            if g.dtype is not dt or g.numel() != n:
                 _check_grad(p, g)
             if device is None:
-                device = p.device
                 _check_grad(p, g)
+                device = p.device
+                moved = device != last_device
             u = None
             if has_mom:
                 u = bufs[i]
-                if u is None or u.dtype is not dt or u.device != device:
-                    _check_grad(p, g)
+                if u is None or u.dtype is not dt or (moved and u.device != device):
                     u = bufs[i] = _buffer_for(p, u)
             if dt is not last_dtype:
                 lst = by_dtype.get(dt)
@@ -110,7 +112,7 @@ def collect_lists(groups: Sequence[TensorGroup]):
                     lists.append(lst)
                 last_dtype = dt
             if not (p.is_contiguous() and g.is_contiguous() and (u is None or u.is_contiguous())):
-                _check_grad(p, g)
+                _check_grad(p, g)  # sparse grads land here: they are not contiguous
                 if p.device != device:
                     raise ValueError(
                         f"SNGM needs every param on one device, got {device} and {p.device}")
@@ -152,6 +154,7 @@ def fused_step(
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
     device: Optional[torch.device] = None,
+    last_device: Optional[torch.device] = None,
     backward_sums=None,
 ) -> Tensor:
     """One SNGM step of ``groups`` through ``ops`` (a backend's FusedOps); returns the norm.
@@ -161,7 +164,7 @@ def fused_step(
     skips the step on the device). ``backward_sums`` (backward_sums.py) may hold this step's
     partials already, summed by the grad hooks during backward.
     """
-    lists, copies, found_device = collect_lists(groups)
+    lists, copies, found_device = collect_lists(groups, last_device)
     device = found_device or device or torch.device("cpu")
     plan = plan_for(plans, lists, per_tensor, device)
 

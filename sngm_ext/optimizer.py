@@ -231,7 +231,9 @@ class SNGM(Optimizer):
         if dtensor:
             device = dist_plan.device
         name, ops = resolve_backend(self.backend, device)
+        last_device = device  # the counter lives where the params were at the last step
         if self._skipped is None or self._skipped.device != device:
+            last_device = None
             prev = self._skipped
             self._skipped = torch.zeros((), dtype=torch.int64, device=device)
             if prev is not None:
@@ -245,7 +247,7 @@ class SNGM(Optimizer):
             run, norm=self.norm, backend=self.backend, skipped_steps=self._skipped,
             reduce_sumsq=self._reducer(dist_plan, run, name != "reference"),
             grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
-            plans=self._plans, backward_sums=sums,
+            plans=self._plans, last_device=last_device, backward_sums=sums,
         )
         state = self.state
         for grp, rgrp, old_bufs in zip(groups, run, before):
