@@ -9,6 +9,8 @@ param, grad and momentum) goes through a contiguous copy in and out, that tensor
 
 from __future__ import annotations
 
+from itertools import repeat
+from operator import attrgetter, is_
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -18,6 +20,9 @@ from ._group import TensorGroup
 from .layout import ACC_DTYPE, PlanCache, StepPlan
 
 _CHANNELS_LAST = (torch.channels_last, torch.channels_last_3d)
+_dtype = attrgetter("dtype")
+_numel = Tensor.numel
+_contiguous = Tensor.is_contiguous
 
 
 def _one_layout(p: Tensor, g: Tensor, u: Optional[Tensor]) -> bool:
@@ -66,6 +71,35 @@ class StepList:
         self.index: List[int] = []  # position of each tensor in its group's param list
 
 
+def _uniform_group(gi: int, grp: TensorGroup) -> Optional[StepList]:
+    """The group as one kernel list when it is the common case: every param has a grad, one
+    dtype, one size each for param, grad and momentum, everything contiguous (and the params where
+    they were last step: the caller knows). Checked with C-level maps (a few tens of ns per tensor, where a Python loop over
+    the same checks costs ~0.6 us): this is what a step costs per tensor. None otherwise."""
+    params, grads = grp.params, grp.grads
+    if not params or any(map(is_, grads, repeat(None))):
+        return None
+    dt = params[0].dtype
+    if not (all(map(is_, map(_dtype, params), repeat(dt)))
+            and all(map(is_, map(_dtype, grads), repeat(dt)))):
+        return None
+    numels = list(map(_numel, params))
+    if numels != list(map(_numel, grads)):
+        return None
+    if not (all(map(_contiguous, params)) and all(map(_contiguous, grads))):
+        return None  # sparse grads too: they are not contiguous
+    bufs = []
+    if grp.momentum != 0:
+        bufs = grp.momentum_buffers
+        if (any(map(is_, bufs, repeat(None))) or not all(map(is_, map(_dtype, bufs), repeat(dt)))
+                or not all(map(_contiguous, bufs))):
+            return None
+    lst = StepList(gi)
+    lst.params, lst.grads, lst.bufs = list(params), list(grads), list(bufs)
+    lst.numels, lst.index = numels, range(len(params))
+    return lst
+
+
 def collect_lists(groups: Sequence[TensorGroup], last_device: Optional[torch.device] = None):
     """Check this step's tensors and sort them into kernel lists; writes nothing a caller can see.
 
@@ -84,6 +118,14 @@ def collect_lists(groups: Sequence[TensorGroup], last_device: Optional[torch.dev
     device = None
     moved = True  # check every momentum buffer's device (the first step, or the params moved)
     for gi, grp in enumerate(groups):
+        if device is None and grp.params and grp.params[0].device == last_device:
+            moved = False  # the params stayed: their momentum buffers did too
+        if not moved:
+            fast = _uniform_group(gi, grp)
+            if fast is not None:
+                device = last_device
+                lists.append(fast)
+                continue
         has_mom = grp.momentum != 0
         by_dtype = {}
         bufs = grp.momentum_buffers

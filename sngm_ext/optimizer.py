@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from operator import is_
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -251,6 +252,8 @@ class SNGM(Optimizer):
         )
         state = self.state
         for grp, rgrp, old_bufs in zip(groups, run, before):
+            if not dtensor and grp.momentum != 0 and all(map(is_, rgrp.momentum_buffers, old_bufs)):
+                continue  # a steady loop: every buffer is the one already in state
             for p, g, buf, old_buf in zip(grp.params, rgrp.grads, rgrp.momentum_buffers, old_bufs):
                 if g is None:
                     continue
