@@ -24,8 +24,8 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-# Elements per chunk-table row (csrc/sngm_math.h kChunk; the Triton launchers receive it as their
-# BLOCK). 4096 fp32 = 16 KiB per tensor read per program: ResNet-50 (25.6M params) gives ~6.3k
+# Elements per chunk-table row (csrc/sngm_math.h kChunk too, which the CUDA kernels size their
+# passes by: a test keeps the two equal; the Triton launchers receive it as their BLOCK). 4096 fp32 = 16 KiB per tensor read per program: ResNet-50 (25.6M params) gives ~6.3k
 # programs and partials, enough to balance 2 CPU cores or 132 SMs, few enough that the partials
 # are nothing next to the tensors.
 CHUNK = 4096

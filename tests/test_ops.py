@@ -190,3 +190,16 @@ def test_launches_per_step_do_not_grow_with_tensors(fused_backend, monkeypatch):
         p.grad = torch.ones_like(p)
     opt.step()
     assert calls == {"sumsq": 4, "finalize": 1, "update": 4}
+
+
+def test_one_chunk_size_for_python_and_cuda():
+    """The chunk tables' row length (layout.CHUNK) is the one the CUDA kernels size their unrolled
+    passes by (sngm_math.h kChunk): they must agree."""
+    import os
+    import re
+
+    header = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc",
+                          "sngm_math.h")
+    with open(header) as f:
+        m = re.search(r"constexpr long kChunk = (\d+);", f.read())
+    assert m is not None and int(m.group(1)) == CHUNK

@@ -95,7 +95,7 @@ def _finalize_kernel(
 
 def sumsq(params, grads, chunks, grad_scale, weight_decay, maximize, partials, partial_offset, *,
           block):
-    """partials[partial_offset + c] = sum of double(d)^2 over chunk c (docs_spec_ops.md)."""
+    """partials[partial_offset + c] = sum of double(d)^2 over chunk c (docs/ops.md)."""
     n_chunks = chunks.shape[1]
     if n_chunks == 0:
         return

@@ -99,7 +99,7 @@ def _update_kernel(
 
 def update(params, grads, momentum_buffers, chunks, sumsq, grad_scale, lr, momentum, weight_decay,
            nesterov, maximize, *, block):
-    """One normalize-momentum-update pass over the chunks (docs_spec_ops.md); momentum_buffers
+    """One normalize-momentum-update pass over the chunks (docs/ops.md); momentum_buffers
     empty: no momentum."""
     n_chunks = chunks.shape[1]
     if n_chunks == 0:

@@ -1,4 +1,4 @@
-// CUDA kernels of the fused SNGM step over per-tensor lists (the contract: docs_spec_ops.md; the
+// CUDA kernels of the fused SNGM step over per-tensor lists (the contract: docs/ops.md; the
 // same three ops as csrc/cpu and triton_kernels/). sumsq and update are one launch per op call
 // whatever the number of tensors: one block per column of the chunk table, which finds its tensor
 // through the device table of pointers (sngm_cuda.h TensorRow).

@@ -1,4 +1,4 @@
-// sngm_native::{sumsq, finalize, update} for the CUDA dispatch key (docs_spec_ops.md): argument
+// sngm_native::{sumsq, finalize, update} for the CUDA dispatch key (docs/ops.md): argument
 // checks, the device table of the lists' pointers, the current device and stream, then the
 // launchers of sngm_cuda.cu. Module sngm_ext._C_cuda; the schemas are defined in Python
 // (sngm_ext/_ops.py), so this registers implementations only and needs no other module.
