@@ -65,6 +65,12 @@ def assert_same(a, b):
     "kwargs, name",
     [
         (dict(lr=-0.1), "lr"),
+        (dict(lr=float("inf")), "lr"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(lr=1e39), "lr"),  # finite, but inf in the fp32 the kernels compute in
+        (dict(weight_decay=float("inf")), "weight_decay"),
+        (dict(weight_decay=float("nan")), "weight_decay"),
+        (dict(momentum=float("nan")), "momentum"),
         (dict(momentum=1.0), "momentum"),
         (dict(momentum=-0.1), "momentum"),
         (dict(weight_decay=-1e-4), "weight_decay"),
@@ -111,17 +117,22 @@ def test_sparse_grad_is_refused_and_changes_nothing(backend):
     assert_same(before, snapshot(m, opt))
 
 
-def test_bad_group_value_set_later_is_refused_and_changes_nothing(backend):
+@pytest.mark.parametrize("key, value", [("momentum", 1.5), ("lr", float("inf")),
+                                        ("weight_decay", float("nan"))])
+def test_bad_group_value_set_later_is_refused_and_changes_nothing(backend, key, value):
     m = model()
     opt = SNGM(m.parameters(), lr=0.1, backend=backend)
     train(m, opt, 2)
     before = snapshot(m, opt)
-    opt.param_groups[0]["momentum"] = 1.5
+    opt.param_groups[0][key] = value
     x, y = batch(5)
     torch.nn.functional.cross_entropy(m(x), y).backward()
-    with pytest.raises(ValueError, match="momentum"):
+    with pytest.raises(ValueError, match=key):
         opt.step()
     assert_same(before, snapshot(m, opt))
+    opt.param_groups[0][key] = 0.1 if key != "momentum" else 0.9  # repaired: steps go on
+    opt.step()
+    assert torch.isfinite(opt.grad_norm) and opt.skipped_steps.item() == 0
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -347,3 +358,19 @@ def test_functional_refuses_params_on_several_devices(backend):
     with pytest.raises(ValueError, match="one device"):
         sngm_ext.sngm(ps, gs, [None, None], lr=0.1, backend=backend)
     assert torch.equal(ps[0], torch.zeros(3))
+
+
+@pytest.mark.parametrize("group, match", [
+    (lambda m: {"params": [torch.nn.Parameter(torch.zeros(3))], "momentum": 1.0}, "momentum"),
+    (lambda m: {"params": [torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))]}, "complex"),
+    (lambda m: {"params": [next(m.parameters())]}, "more than one parameter group|given twice"),
+])
+def test_a_refused_param_group_leaves_the_optimizer_as_it_was(backend, group, match):
+    m = model()
+    opt = SNGM(m.parameters(), lr=0.1, backend=backend)
+    train(m, opt, 1)
+    n_groups = len(opt.param_groups)
+    with pytest.raises(ValueError, match=match):
+        opt.add_param_group(group(m))
+    assert len(opt.param_groups) == n_groups
+    train(m, opt, 1, start=1)  # still steps
