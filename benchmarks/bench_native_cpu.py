@@ -169,7 +169,7 @@ def phases(shapes, rounds):
     fns = {
         "sumsq": lambda: ops.sumsq(ps, gs, plan.chunks[0], None, 0.0, False, plan.partials, 0),
         "finalize": lambda: ops.finalize(plan.partials, plan.seg_ptr, None, sumsq),
-        "update": lambda: ops.update(ps, gs, mom, plan.chunks[0], sumsq, None, 1e-3, 0.9, 0.0,
+        "update": lambda: ops.update(ps, gs, mom, plan.chunks[0], sumsq, None, None, 1e-3, 0.9, 0.0,
                                      False, False),
         "copy_grad": lambda: torch._foreach_copy_(gs, mom),
     }

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional
+import numbers
+from typing import List, NamedTuple, Optional, Union
 
 from torch import Tensor
 
@@ -18,7 +19,7 @@ class TensorGroup(NamedTuple):
     params: List[Tensor]
     grads: List[Tensor]
     momentum_buffers: List[Optional[Tensor]]
-    lr: float
+    lr: Union[float, Tensor]  # a one-element tensor where the user gave one (read on the device)
     momentum: float
     weight_decay: float
     nesterov: bool
@@ -41,10 +42,34 @@ def compute_dtype(dtype):
 _FP32_MAX = 3.4028234663852886e38
 
 
-def check_hyperparameters(lr, momentum, weight_decay, nesterov) -> None:
-    """ValueError naming the argument, for values SNGM cannot use."""
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0.0 <= lr <= _FP32_MAX:
-        raise ValueError(f"Invalid lr: {lr!r} (must be a finite number >= 0 that fits in float32)")
+def _lr_value(lr, read_device_tensor: bool):
+    """lr as a float for checking, or None where reading it would sync with a device."""
+    import torch
+
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or lr.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"Invalid lr: a tensor lr must hold one float32 or float64 value, got "
+                             f"{lr.numel()} x {lr.dtype}")
+        if lr.requires_grad:
+            raise ValueError("Invalid lr: a tensor lr must not require grad (SNGM's step is not "
+                             "differentiable)")
+        if lr.device.type != "cpu" and not read_device_tensor:
+            return None
+        return lr.item()
+    if not isinstance(lr, numbers.Real) or isinstance(lr, bool):
+        raise ValueError(f"Invalid lr: {lr!r} (must be a number or a one-element tensor)")
+    return float(lr)
+
+
+def check_hyperparameters(lr, momentum, weight_decay, nesterov, read_device_tensor=True) -> None:
+    """ValueError naming the argument, for values SNGM cannot use. A tensor ``lr`` on a device is
+    read (a host sync) only when ``read_device_tensor``: when a group is added, not every step."""
+    value = _lr_value(lr, read_device_tensor)
+    if value is not None and not 0.0 <= value <= _FP32_MAX:
+        raise ValueError(f"Invalid lr: {value!r} (must be a finite number >= 0 that fits in float32)")
+    for name, v in (("momentum", momentum), ("weight_decay", weight_decay)):
+        if not isinstance(v, numbers.Real) or isinstance(v, bool):
+            raise ValueError(f"Invalid {name}: {v!r} (must be a number; only lr may be a tensor)")
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"Invalid momentum: {momentum!r} (must lie in [0, 1))")
     if not 0.0 <= weight_decay <= _FP32_MAX:

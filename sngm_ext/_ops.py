@@ -10,10 +10,11 @@ Every fused backend implements the same three ops over lists of the user's own t
     finalize(partials, seg_ptr, found_inf?, sumsq!)
         sumsq[0] = the sum of all partials (+inf when found_inf is nonzero); where sumsq has more
         entries (norm="tensor"), sumsq[1 + s] = segment s's sum; always in a fixed order
-    update(params!, grads, momentum_buffers!, chunks, sumsq, grad_scale?, lr, momentum,
-           weight_decay, nesterov, maximize)
-        the normalize-momentum-update of reference.py for every chunk, n = sqrt(sumsq[segment]);
-        nothing at all when sumsq[0] is not finite
+    update(params!, grads, momentum_buffers!, chunks, sumsq, grad_scale?, lr_tensor?, lr,
+           momentum, weight_decay, nesterov, maximize)
+        the normalize-momentum-update of reference.py for every chunk, n = sqrt(sumsq[segment]),
+        the learning rate read from lr_tensor on the device where one is given; nothing at all
+        when sumsq[0] is not finite
 
 The same schemas live in two namespaces: ``sngm_triton`` (Triton; Python implementations here,
 for CUDA and, under ``TRITON_INTERPRET=1``, CPU) and ``sngm_native`` (the C++/CUDA extension
@@ -34,8 +35,8 @@ SCHEMAS = {
     "float weight_decay, bool maximize, Tensor(a!) partials, int partial_offset) -> ()",
     "finalize": "(Tensor partials, Tensor seg_ptr, Tensor? found_inf, Tensor(a!) sumsq) -> ()",
     "update": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor chunks, "
-    "Tensor sumsq, Tensor? grad_scale, float lr, float momentum, float weight_decay, "
-    "bool nesterov, bool maximize) -> ()",
+    "Tensor sumsq, Tensor? grad_scale, Tensor? lr_tensor, float lr, float momentum, "
+    "float weight_decay, bool nesterov, bool maximize) -> ()",
 }
 NAMESPACES = ("sngm_triton", "sngm_native")
 
@@ -57,12 +58,12 @@ def _triton_finalize(partials, seg_ptr, found_inf, sumsq):
     tk.finalize(partials, seg_ptr, found_inf, sumsq)
 
 
-def _triton_update(params, grads, bufs, chunks, sumsq, grad_scale, lr, momentum, weight_decay,
-                   nesterov, maximize):
+def _triton_update(params, grads, bufs, chunks, sumsq, grad_scale, lr_tensor, lr, momentum,
+                   weight_decay, nesterov, maximize):
     from . import triton_kernels as tk
 
-    tk.update(params, grads, bufs, chunks, sumsq, grad_scale, lr, momentum, weight_decay,
-              nesterov, maximize, block=CHUNK)
+    tk.update(params, grads, bufs, chunks, sumsq, grad_scale, lr_tensor, lr, momentum,
+              weight_decay, nesterov, maximize, block=CHUNK)
 
 
 _TRITON_IMPLS = {"sumsq": _triton_sumsq, "finalize": _triton_finalize, "update": _triton_update}

@@ -53,9 +53,13 @@ _warned: set = set()
 _cache: dict = {}
 
 
-def resolve_backend(backend: str, device: torch.device) -> Tuple[str, Optional[object]]:
-    """(name, fused ops or None for the reference) of ``backend`` for tensors on ``device``."""
-    key = (backend, device.type, os.environ.get("TRITON_INTERPRET"))
+def resolve_backend(backend: str, device: torch.device,
+                    require_fused: bool = False) -> Tuple[str, Optional[object]]:
+    """(name, fused ops or None for the reference) of ``backend`` for tensors on ``device``.
+
+    ``require_fused`` (``SNGM(fused=True)``): where ``"auto"`` finds no fused backend, raise
+    BackendUnavailable saying why instead of falling back to the reference with a warning."""
+    key = (backend, device.type, os.environ.get("TRITON_INTERPRET"), require_fused)
     hit = _cache.get(key)
     if hit is not None:
         return hit
@@ -70,12 +74,12 @@ def resolve_backend(backend: str, device: torch.device) -> Tuple[str, Optional[o
             raise BackendUnavailable(f"backend {backend!r} cannot run on {device.type} tensors")
         out = (backend, _native_ops(device))
     else:
-        out = _auto(device)
+        out = _auto(device, require_fused)
     _cache[key] = out
     return out
 
 
-def _auto(device: torch.device):
+def _auto(device: torch.device, require_fused: bool = False):
     preferred = {"cuda": ["cuda", "triton"], "cpu": ["cpu"]}.get(device.type, [])
     reasons = []
     for name in preferred:
@@ -84,6 +88,11 @@ def _auto(device: torch.device):
             return name, ops
         except BackendUnavailable as e:
             reasons.append(f"{name}: {e}")
+    if require_fused:
+        raise BackendUnavailable(
+            f"fused=True, but no fused SNGM backend runs on {device.type}"
+            + (f" ({'; '.join(reasons)})" if reasons else " (SNGM has kernels for cpu and cuda)")
+        )
     if preferred and device.type not in _warned:
         _warned.add(device.type)
         warnings.warn(

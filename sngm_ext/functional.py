@@ -12,7 +12,7 @@ skipped. Backends: see :mod:`sngm_ext.backends`.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -96,7 +96,7 @@ def sngm(
     grads: List[Tensor],
     momentum_buffers: List[Optional[Tensor]],
     *,
-    lr: float,
+    lr: Union[float, Tensor],
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     nesterov: bool = False,
@@ -111,7 +111,8 @@ def sngm(
     """
     check_hyperparameters(lr, momentum, weight_decay, nesterov)
     grp = TensorGroup(
-        list(params), list(grads), momentum_buffers, float(lr), float(momentum),
+        list(params), list(grads), momentum_buffers,
+        lr.reshape(()) if isinstance(lr, Tensor) else float(lr), float(momentum),
         float(weight_decay), bool(nesterov), bool(maximize),
     )
     return sngm_groups([grp], norm=norm, backend=backend, skipped_steps=skipped_steps)

@@ -177,6 +177,19 @@ def collect_lists(groups: Sequence[TensorGroup], last_device: Optional[torch.dev
     return lists, copies, device
 
 
+def _lr_args(lr, device: torch.device):
+    """(lr_tensor, lr) for the update op: a tensor lr on the params' device is read there by the
+    kernels (no host sync: what a captured CUDA graph needs); one on the CPU is read here (no sync
+    either)."""
+    if not isinstance(lr, Tensor):
+        return None, lr
+    if lr.device == device:
+        return lr, 0.0
+    if lr.device.type == "cpu":
+        return None, lr.item()
+    raise ValueError(f"SNGM: lr is a tensor on {lr.device} but the params are on {device}")
+
+
 def plan_for(plans: PlanCache, lists: Sequence[StepList], per_tensor: bool,
              device: torch.device) -> StepPlan:
     """The (cached) tables of these lists: keyed by group, dtype and sizes, never by pointers."""
@@ -208,6 +221,7 @@ def fused_step(
     """
     lists, copies, found_device = collect_lists(groups, last_device)
     device = found_device or device or torch.device("cpu")
+    lrs = [_lr_args(grp.lr, device) for grp in groups]
     plan = plan_for(plans, lists, per_tensor, device)
 
     # With no weight decay anywhere the step does not depend on the grads' scale: a GradScaler's
@@ -229,8 +243,9 @@ def fused_step(
         reduce_sumsq(sumsq)
     for li, lst in enumerate(lists):
         grp = groups[lst.group_index]
+        lr_tensor, lr = lrs[lst.group_index]
         ops.update(lst.params, lst.grads, lst.bufs, plan.chunks[li], sumsq, kernel_scale,
-                   grp.lr, grp.momentum, grp.weight_decay, grp.nesterov, grp.maximize)
+                   lr_tensor, lr, grp.momentum, grp.weight_decay, grp.nesterov, grp.maximize)
     if copies:
         torch._foreach_copy_([c[0] for c in copies], [c[1] for c in copies])
     if backward_sums is not None:

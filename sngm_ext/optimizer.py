@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from operator import is_
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import Tensor
@@ -14,10 +14,43 @@ from .backends import BACKENDS, resolve_backend
 from .functional import _check_norm, sngm_groups
 from .layout import PlanCache
 
-SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16,
+                    torch.complex64, torch.complex128)  # complex: stepped as real views
 # Keys torch.optim.SGD keeps in its param groups that SNGM has no use for: written into
 # state_dict() so SGD can load an SNGM checkpoint, dropped again when SNGM loads one of SGD's.
 _SGD_ONLY_KEYS = {"dampening": 0, "foreach": None, "differentiable": False, "fused": None}
+
+
+def _backend_from_flags(backend: str, foreach: Optional[bool], fused: Optional[bool]):
+    """(backend, whether a fused one is required) from torch.optim.SGD's ``foreach``/``fused``.
+
+    ``fused=True`` / ``foreach=True``: the multi-tensor kernels (what SNGM's fused backends are);
+    with ``fused=True`` a step raises BackendUnavailable rather than fall back to the reference.
+    ``fused=False`` / ``foreach=False``: the per-tensor ``reference`` backend. None: no say.
+    """
+    if fused and foreach:
+        raise ValueError("`fused` and `foreach` cannot be `True` together.")
+    wants = fused if fused is not None else foreach
+    if wants is None:
+        return backend, False
+    which = "fused" if fused is not None else "foreach"
+    if wants and backend == "reference":
+        raise ValueError(f"{which}=True asks for SNGM's multi-tensor kernels, but "
+                         "backend='reference' is the per-tensor implementation")
+    if not wants and backend not in ("auto", "reference"):
+        raise ValueError(f"{which}=False asks for the per-tensor implementation (backend="
+                         f"'reference'), but backend={backend!r} is a fused one")
+    return (backend if wants else "reference"), bool(fused)
+
+
+def _real_views(params, grads, bufs):
+    """Complex tensors as their real views (torch.view_as_real: a trailing dim of 2), which share
+    their memory: the kernels update them in place, and the norm counts real and imaginary parts,
+    as torch.optim.SGD steps complex params."""
+    def real(t):
+        return torch.view_as_real(t.resolve_conj()) if t is not None and t.is_complex() else t
+
+    return [real(p) for p in params], [real(g) for g in grads], [real(u) for u in bufs]
 
 
 class SNGM(Optimizer):
@@ -70,32 +103,53 @@ class SNGM(Optimizer):
     def __init__(
         self,
         params,
-        lr: float = 1e-3,
+        lr: Union[float, Tensor] = 1e-3,
         momentum: float = 0.9,
+        dampening: float = 0,
         weight_decay: float = 0.0,
         nesterov: bool = False,
-        maximize: bool = False,
         *,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
         norm: str = "global",
         backend: str = "auto",
         norm_in_backward: bool = False,
         process_group=None,
     ):
         check_hyperparameters(lr, momentum, weight_decay, nesterov)
+        if dampening != 0:
+            raise ValueError(
+                f"Invalid dampening: {dampening!r}. SNGM has no dampening: its momentum averages "
+                "normalized directions (u = momentum * u + d / n), whose length the normalization "
+                "already fixes; use dampening=0"
+            )
+        if differentiable:
+            raise ValueError(
+                "differentiable=True is not supported: SNGM's step (a global norm and fused "
+                "in-place kernels) is not differentiable through; use differentiable=False"
+            )
         _check_norm(norm)
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r} (must be one of {BACKENDS})")
+        self.backend, self._require_fused = _backend_from_flags(backend, foreach, fused)
+        if self.backend == "reference" and norm_in_backward:
+            raise ValueError("norm_in_backward=True needs a fused backend; the 'reference' backend "
+                             "computes the norm in the step")
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
             maximize=maximize,
         )
         self.norm = norm
-        self.backend = backend
-        if backend == "reference" and norm_in_backward:
-            raise ValueError("norm_in_backward=True needs a fused backend; the 'reference' backend "
-                             "computes the norm in the step")
         self.norm_in_backward = bool(norm_in_backward)
         self.process_group = process_group
+        self.foreach, self.fused = foreach, fused
+        self._init_runtime()
+        super().__init__(params, defaults)
+
+    def _init_runtime(self) -> None:
+        """What a step builds and keeps that is not state: caches, hooks, the counters."""
         self._dist = None  # distributed.DistPlan of the current params, None when single-process
         self._dist_key: Optional[tuple] = None
         self._plans = PlanCache()  # chunk tables, by layout (layout.py)
@@ -104,9 +158,41 @@ class SNGM(Optimizer):
             from .backward_sums import BackwardSums
 
             self._sums = BackwardSums(None, self._group_sums_hyper)
-        super().__init__(params, defaults)
         self.grad_norm: Optional[Tensor] = None
         self._skipped: Optional[Tensor] = None
+
+    # The settings that are not torch.optim.Optimizer's (which pickles only defaults, state and
+    # param_groups): they travel through deepcopy, pickle and torch.save(opt) too.
+    _SETTINGS = ("norm", "backend", "norm_in_backward", "process_group", "foreach", "fused",
+                 "_require_fused")
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = super().__getstate__()
+        state["sngm"] = {k: getattr(self, k) for k in self._SETTINGS}
+        state["sngm"]["skipped_steps"] = self._skipped
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        """Unpickling, deepcopy, and (with only state and param_groups) load_state_dict: groups
+        saved by an older SNGM or by torch.optim.SGD get the keys they lack, as SGD fills its."""
+        state = dict(state)
+        settings = state.pop("sngm", None)
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+            group.setdefault("weight_decay", 0.0)
+            group.setdefault("momentum", 0.0)  # SGD's default (SNGM's own groups always have it)
+            group["_complex"] = any(p.is_complex() for p in group["params"])
+        if settings is not None:  # a whole optimizer: pickle, deepcopy
+            skipped = settings.pop("skipped_steps", None)
+            for k, v in settings.items():
+                setattr(self, k, v)
+            self._init_runtime()
+            self._skipped = skipped
+            if self._sums is not None:
+                for group in self.param_groups:
+                    self._sums.attach(group["params"])
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """torch.optim.Optimizer's, refusing (and leaving the optimizer as it was) a group with a
@@ -128,6 +214,7 @@ class SNGM(Optimizer):
                     seen.add(id(p))
             for p in group["params"]:
                 self._check_param(p)
+            group["_complex"] = any(p.is_complex() for p in group["params"])
             devices = {p.device for g in self.param_groups for p in g["params"]}
             if len(devices) > 1:
                 raise ValueError("SNGM needs every param on one device (one global norm), got "
@@ -160,9 +247,6 @@ class SNGM(Optimizer):
 
     @staticmethod
     def _check_param(p: Tensor) -> None:
-        if p.is_complex():
-            raise ValueError("SNGM does not support complex params; view them as real "
-                             "(torch.view_as_real) first")
         if p.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"SNGM supports params of dtype {SUPPORTED_DTYPES}, got {p.dtype}")
 
@@ -180,8 +264,10 @@ class SNGM(Optimizer):
         groups = []
         state = self.state
         for group in self.param_groups:
-            check_hyperparameters(group["lr"], group["momentum"], group["weight_decay"],
-                                  group["nesterov"])
+            lr = group["lr"]
+            check_hyperparameters(lr, group["momentum"], group["weight_decay"], group["nesterov"],
+                                  read_device_tensor=False)
+            lr = lr.reshape(()) if isinstance(lr, Tensor) else float(lr)
             params = group["params"]
             grads = [p.grad for p in params]
             if group["momentum"]:  # one (Python) tensor hash each
@@ -189,8 +275,10 @@ class SNGM(Optimizer):
                         for st in map(state.get, params)]
             else:
                 bufs = [None] * len(params)
+            if group.get("_complex"):
+                params, grads, bufs = _real_views(params, grads, bufs)
             groups.append(TensorGroup(
-                params, grads, bufs, float(group["lr"]), float(group["momentum"]),
+                params, grads, bufs, lr, float(group["momentum"]),
                 float(group["weight_decay"]), bool(group["nesterov"]), bool(group["maximize"]),
             ))
         return groups
@@ -231,7 +319,7 @@ class SNGM(Optimizer):
         device = self._device()
         if dtensor:
             device = dist_plan.device
-        name, ops = resolve_backend(self.backend, device)
+        name, ops = resolve_backend(self.backend, device, self._require_fused)
         last_device = device  # the counter lives where the params were at the last step
         if self._skipped is None or self._skipped.device != device:
             last_device = None
@@ -251,10 +339,11 @@ class SNGM(Optimizer):
             plans=self._plans, last_device=last_device, backward_sums=sums,
         )
         state = self.state
-        for grp, rgrp, old_bufs in zip(groups, run, before):
+        for group, grp, rgrp, old_bufs in zip(self.param_groups, groups, run, before):
             if not dtensor and grp.momentum != 0 and all(map(is_, rgrp.momentum_buffers, old_bufs)):
                 continue  # a steady loop: every buffer is the one already in state
-            for p, g, buf, old_buf in zip(grp.params, rgrp.grads, rgrp.momentum_buffers, old_bufs):
+            for p, g, buf, old_buf in zip(group["params"], rgrp.grads, rgrp.momentum_buffers,
+                                          old_bufs):
                 if g is None:
                     continue
                 if dtensor:  # grads stay FSDP's; momentum is a DTensor laid out like the param
@@ -266,12 +355,16 @@ class SNGM(Optimizer):
                 # An identity compare: in a steady loop nothing is stored and no tensor is hashed
                 # (Tensor.__hash__ is Python code).
                 if buf is not old_buf or (buf is None and p not in state):
+                    if buf is not None and p.is_complex():
+                        buf = torch.view_as_complex(buf)  # SGD's format: the param's dtype
                     state[p]["momentum_buffer"] = buf
         self.grad_norm = grad_norm
         return loss
 
     def state_dict(self) -> Dict[str, Any]:
         sd = super().state_dict()
+        for g in sd["param_groups"]:
+            g.pop("_complex", None)  # ours, recomputed from the params
         for g in sd["param_groups"]:
             for k, v in _SGD_ONLY_KEYS.items():
                 g.setdefault(k, v)

@@ -96,26 +96,26 @@ def test_ops_refuse_bad_arguments_before_writing(ops):
         ("2 params but 1 grads", lambda: ops.sumsq(ws, gs[:1], plan.chunks[0], None, 0.0, False,
                                                    plan.partials, 0)),
         (r"grads\[1\] is 4999", lambda: ops.update(ws, [gs[0], gs[1][1:]], [], plan.chunks[0],
-                                                   sumsq, None, 0.1, 0.0, 0.0, False, False)),
+                                                   sumsq, None, None, 0.1, 0.0, 0.0, False, False)),
         ("must be contiguous like its param",
          lambda: ops.update([ws[0].view(10, 10)], [gs[0].view(10, 10).t()], [],
-                            plan.chunks[0][:, :1].contiguous(), sumsq, None, 0.1, 0.0, 0.0, False,
+                            plan.chunks[0][:, :1].contiguous(), sumsq, None, None, 0.1, 0.0, 0.0, False,
                             False)),
         ("grad_scale must be a one-element float32",
-         lambda: ops.update(ws, gs, [], plan.chunks[0], sumsq, torch.tensor(2.0).double(), 0.1,
+         lambda: ops.update(ws, gs, [], plan.chunks[0], sumsq, torch.tensor(2.0).double(), None, 0.1,
                             0.0, 0.0, False, False)),
     ]
     bad = plan.chunks[0].clone()
     bad[1, -1] = 5000 - 8  # starts 8 elements before the end of tensor 1, runs past it
-    cases.append(("lies outside tensor 1", lambda: ops.update(ws, gs, [], bad, sumsq, None, 0.1,
+    cases.append(("lies outside tensor 1", lambda: ops.update(ws, gs, [], bad, sumsq, None, None, 0.1,
                                                               0.0, 0.0, False, False)))
     bad2 = plan.chunks[0].clone()
     bad2[3, 0] = 3
-    cases.append(("names segment 3", lambda: ops.update(ws, gs, [], bad2, sumsq, None, 0.1, 0.0,
+    cases.append(("names segment 3", lambda: ops.update(ws, gs, [], bad2, sumsq, None, None, 0.1, 0.0,
                                                         0.0, False, False)))
     bad3 = plan.chunks[0].clone()
     bad3[0, 0] = 2
-    cases.append(("names tensor 2 of 2", lambda: ops.update(ws, gs, [], bad3, sumsq, None, 0.1,
+    cases.append(("names tensor 2 of 2", lambda: ops.update(ws, gs, [], bad3, sumsq, None, None, 0.1,
                                                             0.0, 0.0, False, False)))
     for match, call in cases:
         with pytest.raises(RuntimeError, match=match):

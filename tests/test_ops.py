@@ -39,8 +39,10 @@ def test_fused_ops_pass_opcheck(fused_backend, per_tensor):
     checks = [
         (ops.sumsq, (ws, gs, plan.chunks[0], scale, 0.1, True, plan.partials, 0)),
         (ops.finalize, (plan.partials, plan.seg_ptr, torch.tensor(0.0), sumsq)),
-        (ops.update, (ws, gs, us, plan.chunks[0], sumsq, None, 0.1, 0.9, 0.1, True, False)),
-        (ops.update, (ws, gs, [], plan.chunks[0], sumsq, scale, 0.1, 0.0, 0.1, False, True)),
+        (ops.update, (ws, gs, us, plan.chunks[0], sumsq, None, None, 0.1, 0.9, 0.1, True, False)),
+        (ops.update, (ws, gs, [], plan.chunks[0], sumsq, scale, None, 0.1, 0.0, 0.1, False, True)),
+        (ops.update, (ws, gs, us, plan.chunks[0], sumsq, None, torch.tensor(0.1), 0.0, 0.9, 0.1,
+                      False, False)),
     ]
     for op, args in checks:
         ops.sumsq(*checks[0][1])  # real values for finalize/update to read
@@ -99,7 +101,7 @@ def test_rows_of_any_start_and_length(fused_backend, dtype):
     torch.testing.assert_close(partials, expect, rtol=1e-14, atol=0)
     sumsq = torch.tensor([4.0, 9.0], dtype=torch.float64)  # norms 2 and 3
     w0, u0 = [w.clone() for w in ws], [u.clone() for u in us]
-    ops.update(ws, gs, us, chunks, sumsq, None, 0.1, 0.9, 0.25, True, True)
+    ops.update(ws, gs, us, chunks, sumsq, None, None, 0.1, 0.9, 0.25, True, True)
     ew, eu = _expected_update(w0, gs, u0, rows, sumsq.tolist(), 0.1, 0.9, 0.25, True, -1.0)
     for a, b in zip(ws + us, ew + eu):
         assert torch.equal(a, b)  # same operations in the same order: the same bits
@@ -118,15 +120,15 @@ def test_grad_scale_and_found_inf(fused_backend):
     ops.finalize(plan.partials, plan.seg_ptr, None, ref)
     assert torch.equal(sumsq, ref)
     w1, u1 = [w.clone() for w in ws], [u.clone() for u in us]
-    ops.update(ws, scaled, us, plan.chunks[0], sumsq, torch.tensor(1024.0), 0.1, 0.9, 0.1, False,
-               False)
-    ops.update(w1, gs, u1, plan.chunks[0], ref, None, 0.1, 0.9, 0.1, False, False)
+    ops.update(ws, scaled, us, plan.chunks[0], sumsq, torch.tensor(1024.0), None, 0.1, 0.9, 0.1,
+               False, False)
+    ops.update(w1, gs, u1, plan.chunks[0], ref, None, None, 0.1, 0.9, 0.1, False, False)
     for a, b in zip(ws + us, w1 + u1):
         assert torch.equal(a, b)
     ops.finalize(plan.partials, plan.seg_ptr, torch.tensor(1.0), sumsq)
     assert sumsq.item() == math.inf
     before = [x.clone() for x in ws + us]
-    ops.update(ws, gs, us, plan.chunks[0], sumsq, None, 0.1, 0.9, 0.1, False, False)
+    ops.update(ws, gs, us, plan.chunks[0], sumsq, None, None, 0.1, 0.9, 0.1, False, False)
     assert all(torch.equal(a, b) for a, b in zip(ws + us, before))
 
 
@@ -136,7 +138,7 @@ def test_update_writes_nothing_on_a_non_finite_total(fused_backend, bad):
     ws, gs, us = _lists(torch.bfloat16)
     plan = make_plan([[w.numel() for w in ws]], False, torch.device("cpu"))
     before = [x.clone() for x in ws + us]
-    ops.update(ws, gs, us, plan.chunks[0], torch.tensor([bad], dtype=torch.float64), None, 0.1,
+    ops.update(ws, gs, us, plan.chunks[0], torch.tensor([bad], dtype=torch.float64), None, None, 0.1,
                0.9, 0.0, False, False)
     assert all(torch.equal(a, b) for a, b in zip(ws + us, before))
 
@@ -203,3 +205,20 @@ def test_one_chunk_size_for_python_and_cuda():
     with open(header) as f:
         m = re.search(r"constexpr long kChunk = (\d+);", f.read())
     assert m is not None and int(m.group(1)) == CHUNK
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64], ids=str)
+def test_lr_tensor_is_the_float_lr(fused_backend, dtype, lr_dtype):
+    """A tensor lr (read where it lies) gives the bits of the same lr as a float: the value the
+    tensor holds, converted to the compute dtype as the float is."""
+    ops = _ops(fused_backend)
+    ws, gs, us = _lists(dtype, sizes=(5000, 33))
+    plan = make_plan([[5000, 33]], False, torch.device("cpu"))
+    sumsq = torch.tensor([7.0], dtype=torch.float64)
+    lr = torch.tensor(0.1, dtype=lr_dtype)
+    w1, u1 = [w.clone() for w in ws], [u.clone() for u in us]
+    ops.update(ws, gs, us, plan.chunks[0], sumsq, None, lr, 0.0, 0.9, 0.01, True, False)
+    ops.update(w1, gs, u1, plan.chunks[0], sumsq, None, None, lr.item(), 0.9, 0.01, True, False)
+    for a, b in zip(ws + us, w1 + u1):
+        assert torch.equal(a, b)

@@ -22,7 +22,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "triton_aot_check.py"
 # 128-bit accesses that take per tensor.
 PER_THREAD = {"fp32": (16, 4), "bf16": (16, 2), "fp16": (16, 2), "fp64": (8, 4)}
 # Scalar loads besides the data: the chunk row (4), the numel and pointers (4), sumsq[0] and
-# sumsq[seg], grad_scale.
+# sumsq[seg], grad_scale (and lr_tensor, when the lr is read from one).
 UPDATE_OTHER_LOADS = 11
 SUMSQ_OTHER_LOADS = 7
 
@@ -38,17 +38,18 @@ def report():
 
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("dt", sorted(PER_THREAD))
-@pytest.mark.parametrize("mom", [True, False])
-def test_update_kernel_vector_and_scalar_paths(report, arch, dt, mom):
-    k = report[f"update_{dt}{'' if mom else '_nomom'}_sm{arch}"]
+@pytest.mark.parametrize("mom, lrt", [(True, ""), (False, ""), (True, "32"), (True, "64")])
+def test_update_kernel_vector_and_scalar_paths(report, arch, dt, mom, lrt):
+    k = report[f"update_{dt}{'' if mom else '_nomom'}{'_lrt' + lrt if lrt else ''}_sm{arch}"]
     elems, wide = PER_THREAD[dt]
     loaded, stored = (3, 2) if mom else (2, 1)
+    other = UPDATE_OTHER_LOADS + (1 if lrt else 0)
     # Vector path: param, grad (and momentum) in 128-bit loads, param (and momentum) stored so.
     assert k["ld_128bit"] == loaded * wide, k
     assert k["st_128bit"] == stored * wide, k
     # Scalar path: one access per element, so the vector path's alignment hints did not leak.
     assert k["st_other"] == stored * elems, k
-    assert loaded * elems <= k["ld_other"] <= loaded * elems + UPDATE_OTHER_LOADS, k
+    assert loaded * elems <= k["ld_other"] <= loaded * elems + other, k
     assert k["inexact"] == 0 and k["fma"] == 0, k
     assert k["spill_bytes"] == 0 and k["registers"] <= 128, k
 

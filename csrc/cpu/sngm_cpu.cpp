@@ -151,12 +151,24 @@ void finalize(const at::Tensor& partials, const at::Tensor& seg_ptr,
 
 void update(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
             const at::Tensor& chunks, const at::Tensor& sumsq,
-            const std::optional<at::Tensor>& grad_scale, double lr, double momentum,
+            const std::optional<at::Tensor>& grad_scale,
+            const std::optional<at::Tensor>& lr_tensor, double lr, double momentum,
             double weight_decay, bool nesterov, bool maximize) {
   check_lists("update", c10::DeviceType::CPU, params, grads, momentum_buffers);
   const c10::Device cpu(c10::DeviceType::CPU);
   check_table("update", chunks, cpu);
   check_scalar("update", "grad_scale", grad_scale, cpu);
+  if (lr_tensor.has_value()) {  // torch.optim.SGD's tensor lr: read where it lies (CPU here)
+    TORCH_CHECK(lr_tensor->numel() == 1 && lr_tensor->device() == cpu &&
+                    (lr_tensor->scalar_type() == c10::kFloat ||
+                     lr_tensor->scalar_type() == c10::kDouble),
+                "sngm_native::update: lr_tensor must be a one-element float32 or float64 CPU "
+                "tensor, got ", lr_tensor->numel(), " x ", lr_tensor->scalar_type(), " on ",
+                lr_tensor->device());
+    lr = lr_tensor->scalar_type() == c10::kFloat
+             ? static_cast<double>(*lr_tensor->const_data_ptr<float>())
+             : *lr_tensor->const_data_ptr<double>();
+  }
   check_acc_dtype(sumsq, "update", "sumsq");
   TORCH_CHECK(sumsq.device() == cpu && sumsq.is_contiguous() && sumsq.numel() >= 1,
               "sngm_native::update: sumsq must be a non-empty contiguous CPU tensor");

@@ -19,7 +19,8 @@ void finalize(const at::Tensor& partials, const at::Tensor& seg_ptr,
 
 void update(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
             const at::Tensor& chunks, const at::Tensor& sumsq,
-            const std::optional<at::Tensor>& grad_scale, double lr, double momentum,
+            const std::optional<at::Tensor>& grad_scale,
+            const std::optional<at::Tensor>& lr_tensor, double lr, double momentum,
             double weight_decay, bool nesterov, bool maximize);
 
 const char* capability();  // the CPU_CAPABILITY this module was compiled for
