@@ -160,6 +160,7 @@ class SNGM(Optimizer):
             self._sums = BackwardSums(None, self._group_sums_hyper)
         self.grad_norm: Optional[Tensor] = None
         self._skipped: Optional[Tensor] = None
+        self._complex_groups: set = set()  # id() of the groups with complex params
 
     # The settings that are not torch.optim.Optimizer's (which pickles only defaults, state and
     # param_groups): they travel through deepcopy, pickle and torch.save(opt) too.
@@ -183,7 +184,6 @@ class SNGM(Optimizer):
             group.setdefault("maximize", False)
             group.setdefault("weight_decay", 0.0)
             group.setdefault("momentum", 0.0)  # SGD's default (SNGM's own groups always have it)
-            group["_complex"] = any(p.is_complex() for p in group["params"])
         if settings is not None:  # a whole optimizer: pickle, deepcopy
             skipped = settings.pop("skipped_steps", None)
             for k, v in settings.items():
@@ -193,6 +193,8 @@ class SNGM(Optimizer):
             if self._sums is not None:
                 for group in self.param_groups:
                     self._sums.attach(group["params"])
+        self._complex_groups = {id(g) for g in self.param_groups
+                                if any(p.is_complex() for p in g["params"])}
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """torch.optim.Optimizer's, refusing (and leaving the optimizer as it was) a group with a
@@ -214,7 +216,8 @@ class SNGM(Optimizer):
                     seen.add(id(p))
             for p in group["params"]:
                 self._check_param(p)
-            group["_complex"] = any(p.is_complex() for p in group["params"])
+            if any(p.is_complex() for p in group["params"]):
+                self._complex_groups.add(id(group))
             devices = {p.device for g in self.param_groups for p in g["params"]}
             if len(devices) > 1:
                 raise ValueError("SNGM needs every param on one device (one global norm), got "
@@ -275,7 +278,7 @@ class SNGM(Optimizer):
                         for st in map(state.get, params)]
             else:
                 bufs = [None] * len(params)
-            if group.get("_complex"):
+            if id(group) in self._complex_groups:
                 params, grads, bufs = _real_views(params, grads, bufs)
             groups.append(TensorGroup(
                 params, grads, bufs, lr, float(group["momentum"]),
@@ -363,8 +366,6 @@ class SNGM(Optimizer):
 
     def state_dict(self) -> Dict[str, Any]:
         sd = super().state_dict()
-        for g in sd["param_groups"]:
-            g.pop("_complex", None)  # ours, recomputed from the params
         for g in sd["param_groups"]:
             for k, v in _SGD_ONLY_KEYS.items():
                 g.setdefault(k, v)

@@ -6,9 +6,10 @@
 //            reduction (a fixed tree: deterministic, no float atomics); one partial per chunk
 //   finalize one block: each segment's partials summed in double in a fixed order, the total
 //   update   normalize, momentum, param in one read-modify-write; it reads the sums of squares
-//            from device memory and returns at once when the global one is not finite (a skipped
-//            step loads and stores nothing). It walks the chunks in reverse (block b takes chunk
-//            n-1-b): the grads sumsq read last may still be in L2 (60 MB on an H200). Not measured.
+//            (and lr_tensor's learning rate, when one is given) from device memory and returns at
+//            once when the global sum is not finite (a skipped step loads and stores nothing). It
+//            walks the chunks in reverse (block b takes chunk n-1-b): the grads sumsq read last
+//            may still be in L2 (60 MB on an H200). Not measured.
 // A chunk moves 16 bytes per access when every pointer it touches is 16-byte aligned at its start
 // and its length is a whole number of 16-byte packs; otherwise it takes the scalar path, same
 // maths. Offsets are int64 throughout. No torch header here: sngm_cuda_ops.cpp owns the tensors.
@@ -169,6 +170,16 @@ __device__ __forceinline__ bool inside(const Chunk& ch, const TensorRow& row) {
 template <typename C>
 __device__ __forceinline__ C grad_scale_inverse(const float* grad_scale) {
   return grad_scale == nullptr ? C(1) : static_cast<C>(__fdiv_rn(1.0f, *grad_scale));
+}
+
+// The learning rate in C: lr_tensor's element where one is given (float32 or float64), converted
+// as the host converts the float lr (static_cast<C>: round to nearest; exact into fp64), else lr.
+template <typename C>
+__device__ __forceinline__ C learning_rate(C lr, const float* lr_f32, const double* lr_f64) {
+  if (lr_f64 != nullptr) {
+    return static_cast<C>(*lr_f64);
+  }
+  return lr_f32 != nullptr ? static_cast<C>(*lr_f32) : lr;
 }
 
 // Both chunk walkers: len / V accesses per array; thread t takes accesses t, t + kThreads, ...,
@@ -338,8 +349,9 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 template <Dtype D, bool HAS_MOM, bool NESTEROV, bool HAS_WD>
 __global__ void __launch_bounds__(kThreads, kUpdateMinBlocks<typename Traits<D>::S>)
     update_kernel(const Lists l, const double* __restrict__ sumsq, int64_t n_sumsq,
-                  typename Traits<D>::C lr, typename Traits<D>::C beta, typename Traits<D>::C wd,
-                  typename Traits<D>::C sign) {
+                  typename Traits<D>::C lr, const float* __restrict__ lr_f32,
+                  const double* __restrict__ lr_f64, typename Traits<D>::C beta,
+                  typename Traits<D>::C wd, typename Traits<D>::C sign) {
   using S = typename Traits<D>::S;
   using C = typename Traits<D>::C;
   const int64_t c = l.n_chunks - 1 - static_cast<int64_t>(blockIdx.x);  // in reverse: see the top
@@ -349,12 +361,14 @@ __global__ void __launch_bounds__(kThreads, kUpdateMinBlocks<typename Traits<D>:
   if (!sngm::is_finite(total) || !known_tensor(l, ch) || ch.seg < 0 || ch.seg >= n_sumsq) {
     return;
   }
+  // lr_tensor's element (where given) loaded with the segment's sum and the table row
+  const C rate = learning_rate(lr, lr_f32, lr_f64);
   const double inv = sngm::inverse_norm(sumsq[ch.seg]);
   const TensorRow row = l.table[ch.tensor];
   if (!inside(ch, row)) {
     return;
   }
-  const sngm::Hyper<C> h{lr, beta, wd, sign, grad_scale_inverse<C>(l.grad_scale)};
+  const sngm::Hyper<C> h{rate, beta, wd, sign, grad_scale_inverse<C>(l.grad_scale)};
   S* w = address<S>(row.param) + ch.start;
   const S* g = address<const S>(row.grad) + ch.start;
   S* u = HAS_MOM ? address<S>(row.momentum) + ch.start : nullptr;
@@ -426,8 +440,8 @@ cudaError_t launch_finalize(const double* partials, int64_t n_partials, const in
 }
 
 cudaError_t launch_update(const Lists& l, bool has_momentum, const double* sumsq, int64_t n_sumsq,
-                          double lr, double momentum, double weight_decay, bool nesterov,
-                          bool maximize, cudaStream_t stream) {
+                          const LearningRate& lr, double momentum, double weight_decay,
+                          bool nesterov, bool maximize, cudaStream_t stream) {
   if (l.n_chunks == 0) {
     return cudaSuccess;
   }
@@ -437,8 +451,8 @@ cudaError_t launch_update(const Lists& l, bool has_momentum, const double* sumsq
     auto launch = [&](auto has_mom, auto nest, auto has_wd) {
       update_kernel<D, decltype(has_mom)::value, decltype(nest)::value, decltype(has_wd)::value>
           <<<one_block_per_chunk(l.n_chunks), kThreads, 0, stream>>>(
-              l, sumsq, n_sumsq, static_cast<C>(lr), static_cast<C>(momentum),
-              static_cast<C>(weight_decay), maximize ? C(-1) : C(1));
+              l, sumsq, n_sumsq, static_cast<C>(lr.value), lr.f32, lr.f64,
+              static_cast<C>(momentum), static_cast<C>(weight_decay), maximize ? C(-1) : C(1));
     };
     bool_dispatch(weight_decay != 0.0, [&](auto has_wd) {
       if (!has_momentum) {

@@ -46,9 +46,19 @@ cudaError_t launch_finalize(const double* partials, int64_t n_partials, const in
                             int64_t n_segments, const float* found_inf, double* sumsq,
                             bool per_segment, cudaStream_t stream);
 
+// The learning rate of update: `value`, or where a pointer is set (at most one), the one element
+// of lr_tensor (torch.optim.SGD's tensor lr) on the device, which the kernel loads when it runs:
+// no host sync, and a captured CUDA graph reads each replay's value. Either way it becomes the
+// compute type as static_cast<C> of the value (fp32 compute rounds an fp64 lr to float).
+struct LearningRate {
+  double value;       // read only when both pointers are nullptr
+  const float* f32;   // a float32 lr_tensor's element
+  const double* f64;  // a float64 lr_tensor's element
+};
+
 cudaError_t launch_update(const Lists& l, bool has_momentum, const double* sumsq, int64_t n_sumsq,
-                          double lr, double momentum, double weight_decay, bool nesterov,
-                          bool maximize, cudaStream_t stream);
+                          const LearningRate& lr, double momentum, double weight_decay,
+                          bool nesterov, bool maximize, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace sngm

@@ -60,6 +60,26 @@ const float* scalar_f32(const std::optional<at::Tensor>& t, c10::Device device, 
   return t->const_data_ptr<float>();
 }
 
+// lr_tensor: torch.optim.SGD's tensor lr, one float32 or float64 element on the params' device,
+// which the update kernel loads when it runs (no host sync); `lr` is then not read.
+cuda::LearningRate learning_rate(const std::optional<at::Tensor>& lr_tensor, double lr,
+                                 c10::Device device) {
+  if (!lr_tensor.has_value()) {
+    return cuda::LearningRate{lr, nullptr, nullptr};
+  }
+  const at::Tensor& t = *lr_tensor;
+  TORCH_CHECK(t.scalar_type() == c10::kFloat || t.scalar_type() == c10::kDouble,
+              "sngm_native::update: lr_tensor must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(t.numel() == 1, "sngm_native::update: lr_tensor must have exactly one element, got ",
+              t.numel(), " (shape ", t.sizes(), ")");
+  TORCH_CHECK(t.device() == device, "sngm_native::update: lr_tensor is on ", t.device(),
+              ", expected ", device, " (the params' device)");
+  if (t.scalar_type() == c10::kDouble) {
+    return cuda::LearningRate{0.0, nullptr, t.const_data_ptr<double>()};
+  }
+  return cuda::LearningRate{0.0, t.const_data_ptr<float>(), nullptr};
+}
+
 // The kernels address element i of every tensor of list index i as data_ptr + i: right when
 // param, grad and momentum are all contiguous, or all non-overlapping and dense with one set of
 // strides (channels_last): the same memory order for the three.
@@ -200,10 +220,12 @@ void finalize(const at::Tensor& partials, const at::Tensor& seg_ptr,
 
 void update(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
             const at::Tensor& chunks, const at::Tensor& sumsq,
-            const std::optional<at::Tensor>& grad_scale, double lr, double momentum,
+            const std::optional<at::Tensor>& grad_scale,
+            const std::optional<at::Tensor>& lr_tensor, double lr, double momentum,
             double weight_decay, bool nesterov, bool maximize) {
   const c10::Device device = check_lists("update", params, grads, momentum_buffers, chunks);
   const float* gs = scalar_f32(grad_scale, device, "update", "grad_scale");
+  const cuda::LearningRate rate = learning_rate(lr_tensor, lr, device);
   check_aux(sumsq, c10::kDouble, device, "update", "sumsq");
   TORCH_CHECK(sumsq.numel() >= 1, "sngm_native::update: sumsq is empty");
   if (chunks.size(1) == 0) {
@@ -213,7 +235,7 @@ void update(at::TensorList params, at::TensorList grads, at::TensorList momentum
   const at::Tensor table = device_table(params, grads, momentum_buffers, device, /*writes=*/true);
   C10_CUDA_CHECK(cuda::launch_update(lists_of(params, table, chunks, gs, "update"),
                                      !momentum_buffers.empty(), sumsq.const_data_ptr<double>(),
-                                     sumsq.numel(), lr, momentum, weight_decay, nesterov,
+                                     sumsq.numel(), rate, momentum, weight_decay, nesterov,
                                      maximize, c10::cuda::getCurrentCUDAStream(device.index())));
 }
 
