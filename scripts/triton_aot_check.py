@@ -47,13 +47,17 @@ def variants():
     """(name, kernel, signature, constexprs, warps) of every variant the launchers compile."""
     hyper = {f"{h}_{p}": "fp32" for h in ("lr", "mom", "wd") for p in ("hi", "mid", "lo")}
     for dt, (torch_dt, tl_dt) in DT.items():
-        for mom in (True, False):
-            yield f"update_{dt}" + ("" if mom else "_nomom"), _update_kernel, _signature(
-                _update_kernel, {
-                    "table_ptr": "*i64", "n_tensors": "i32", "chunks_ptr": "*i64",
-                    "n_chunks": "i32", "sumsq_ptr": "*fp64", "n_sumsq": "i32",
-                    "scale_ptr": "*fp32", **hyper, "sign": "fp32", "nesterov": "i32",
-                }), {"DTYPE": tl_dt, "BLOCK": CHUNK, "HAS_MOMENTUM": mom}, num_warps(torch_dt)
+        # lr as a float (lr_ptr then the cached float32 constant, never read), or read from a
+        # float32 / float64 lr_tensor (with momentum: the lr path does not depend on it).
+        for mom, lrt in ((True, None), (False, None), (True, "fp32"), (True, "fp64")):
+            name = f"update_{dt}" + ("" if mom else "_nomom") + (f"_lrt{lrt[2:]}" if lrt else "")
+            yield name, _update_kernel, _signature(_update_kernel, {
+                "table_ptr": "*i64", "n_tensors": "i32", "chunks_ptr": "*i64",
+                "n_chunks": "i32", "sumsq_ptr": "*fp64", "n_sumsq": "i32",
+                "scale_ptr": "*fp32", "lr_ptr": f"*{lrt or 'fp32'}", **hyper, "sign": "fp32",
+                "nesterov": "i32",
+            }), {"DTYPE": tl_dt, "BLOCK": CHUNK, "HAS_MOMENTUM": mom,
+                 "HAS_LR_TENSOR": lrt is not None}, num_warps(torch_dt)
         yield f"sumsq_{dt}", _sumsq_kernel, _signature(_sumsq_kernel, {
             "table_ptr": "*i64", "n_tensors": "i32", "chunks_ptr": "*i64", "n_chunks": "i32",
             "scale_ptr": "*fp32", "wd_hi": "fp32", "wd_mid": "fp32", "wd_lo": "fp32",

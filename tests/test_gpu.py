@@ -122,3 +122,30 @@ def test_gpu_params_on_another_device_than_the_current_one(gpu_backend):
     ref.step()
     for p, q in zip(params, ref_params):
         torch.testing.assert_close(p.detach().cpu(), q.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_gpu_tensor_lr_is_read_on_the_device(gpu_backend):
+    """lr as a CUDA tensor: the same bits as the float lr, a scheduler writing it in place, and
+    no host sync in the step (the kernels read it from device memory)."""
+    outs = []
+    for lr in (0.1, torch.tensor(0.1, device="cuda")):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
+                                torch.nn.Linear(256, 10)).cuda()
+        opt = SNGM(m.parameters(), lr=lr, weight_decay=1e-4, backend=gpu_backend)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        x = torch.randn(128, 64, device="cuda")
+        y = torch.randint(0, 10, (128,), device="cuda")
+        for s in range(4):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            if s >= 1:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            sched.step()
+        outs.append([p.detach().clone() for p in m.parameters()])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

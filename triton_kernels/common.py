@@ -60,6 +60,14 @@ def hyper(hi, mid, lo, FP64: tl.constexpr):
 
 
 @triton.jit
+def load_lr(lr_ptr, FP64: tl.constexpr):
+    """A learning rate held in a one-element float32/float64 tensor, in the compute type as hyper
+    makes a float one: fp64 compute, the exact value (an fp32 one widened); fp32 compute, the value
+    rounded to fp32 to nearest even (cvt.rn.f32.f64 for a float64 one)."""
+    return to_compute(tl.load(lr_ptr), FP64)
+
+
+@triton.jit
 def inverse_grad_scale(scale_ptr, FP64: tl.constexpr):
     """gscale = 1 / grad_scale in C, correctly rounded (fp32 ``/`` compiles to div.full)."""
     s = tl.load(scale_ptr)

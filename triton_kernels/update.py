@@ -1,11 +1,13 @@
 """Phase 2 of the fused step: normalize, update the momentum and the params in one read-modify-write.
 
-The norm is read from device memory (never from the host); when the global sum of squares is not
-finite every chunk is empty, so a skipped step neither loads nor stores a byte of the tensors.
+The norm, and a tensor learning rate, are read from device memory (never from the host); when the
+global sum of squares is not finite every chunk is empty, so a skipped step neither loads nor
+stores a byte of the tensors.
 The per-element maths is csrc/sngm_math.h's ``update``, each operation rounded once in its order
 (launched with fp fusion off: no fma).
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -20,6 +22,7 @@ from .common import (
     inverse_grad_scale,
     launch_guard,
     load_c,
+    load_lr,
     num_warps,
     store_c,
 )
@@ -52,7 +55,8 @@ def _update_kernel(
     sumsq_ptr,  # float64 [0]: the global sum of squares; [1 + k]: tensor k's (norm="tensor")
     n_sumsq,
     scale_ptr,  # float32 0-dim: grad_scale (1 when there is none)
-    lr_hi,
+    lr_ptr,  # float32/float64, one element: lr_tensor (read only when HAS_LR_TENSOR)
+    lr_hi,  # lr split by split_f64 (read only when not HAS_LR_TENSOR)
     lr_mid,
     lr_lo,
     mom_hi,
@@ -66,6 +70,7 @@ def _update_kernel(
     DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
+    HAS_LR_TENSOR: tl.constexpr,
 ):
     FP64: tl.constexpr = DTYPE == tl.float64
     VEC: tl.constexpr = 128 // DTYPE.primitive_bitwidth  # elements per 128-bit access
@@ -77,7 +82,10 @@ def _update_kernel(
     length = tl.where(ok, length, 0)
     n = tl.sqrt(tl.load(sumsq_ptr + tl.where(ok, seg, 0)).to(tl.float64))  # sqrt.rn.f64
     inv = tl.where(n > 0.0, 1.0 / tl.where(n > 0.0, n, 1.0), 0.0)  # div.rn.f64; 0 when n == 0
-    lr = hyper(lr_hi, lr_mid, lr_lo, FP64)
+    if HAS_LR_TENSOR:
+        lr = load_lr(lr_ptr, FP64)
+    else:
+        lr = hyper(lr_hi, lr_mid, lr_lo, FP64)
     beta = hyper(mom_hi, mom_mid, mom_lo, FP64)
     wd = hyper(wd_hi, wd_mid, wd_lo, FP64)
     gscale = inverse_grad_scale(scale_ptr, FP64)
@@ -97,10 +105,11 @@ def _update_kernel(
                       nesterov, BLOCK, HAS_MOMENTUM, FP64)
 
 
-def update(params, grads, momentum_buffers, chunks, sumsq, grad_scale, lr, momentum, weight_decay,
-           nesterov, maximize, *, block):
+def update(params, grads, momentum_buffers, chunks, sumsq, grad_scale, lr_tensor, lr, momentum,
+           weight_decay, nesterov, maximize, *, block):
     """One normalize-momentum-update pass over the chunks (docs/ops.md); momentum_buffers
-    empty: no momentum."""
+    empty: no momentum. lr_tensor: None, or a one-element float32/float64 tensor on the params'
+    device that the kernel reads the learning rate from (``lr`` is then not read)."""
     n_chunks = chunks.shape[1]
     if n_chunks == 0:
         return
@@ -110,6 +119,12 @@ def update(params, grads, momentum_buffers, chunks, sumsq, grad_scale, lr, momen
         raise ValueError("update: params, grads (and momentum_buffers, unless empty) must be "
                          "non-empty lists of the same length")
     device, dtype = params[0].device, params[0].dtype
+    if lr_tensor is not None and (lr_tensor.numel() != 1
+                                  or lr_tensor.dtype not in (torch.float32, torch.float64)
+                                  or lr_tensor.device != device):
+        raise ValueError("update: lr_tensor must be a one-element float32 or float64 tensor on "
+                         f"the params' device ({device}), got {lr_tensor.dtype} "
+                         f"{tuple(lr_tensor.shape)} on {lr_tensor.device}")
     lists = (params, grads, momentum_buffers) if has_mom else (params, grads)
     table = pointer_table(device, lists)
     with launch_guard(params[0]):
@@ -121,7 +136,8 @@ def update(params, grads, momentum_buffers, chunks, sumsq, grad_scale, lr, momen
             sumsq,
             sumsq.shape[0],
             constant(device, 1.0) if grad_scale is None else grad_scale,
-            *split_f64(lr),
+            constant(device, 1.0) if lr_tensor is None else lr_tensor,  # not read when None
+            *split_f64(0.0 if lr_tensor is not None else lr),
             *split_f64(momentum),
             *split_f64(weight_decay),
             -1.0 if maximize else 1.0,
@@ -129,6 +145,7 @@ def update(params, grads, momentum_buffers, chunks, sumsq, grad_scale, lr, momen
             DTYPE=TORCH_TO_TL[dtype],
             BLOCK=block,
             HAS_MOMENTUM=has_mom,
+            HAS_LR_TENSOR=lr_tensor is not None,
             num_warps=num_warps(dtype),
             enable_fp_fusion=False,
         )
