@@ -87,6 +87,14 @@ class PlanCache:
         return plan
 
 
+def _upload(host: Tensor, device: torch.device) -> Tensor:
+    """A host table on ``device``: from pinned memory with a non-blocking copy on a GPU (no host
+    sync; the caching host allocator keeps the pinned block until the copy is done)."""
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def make_plan(numels: Sequence[Sequence[int]], per_tensor: bool, device: torch.device) -> StepPlan:
     """The tables for lists of tensors with these sizes (one list per (group, dtype))."""
     chunks, rows, offsets, seg_sizes = [], [], [], []
@@ -98,7 +106,7 @@ def make_plan(numels: Sequence[Sequence[int]], per_tensor: bool, device: torch.d
         rows.append(counts)
         if per_tensor:
             seg_sizes += counts
-        chunks.append(torch.tensor(cols, dtype=torch.int64).reshape(4, -1).to(device))
+        chunks.append(_upload(torch.tensor(cols, dtype=torch.int64).reshape(4, -1), device))
     n_sumsq = 1 + len(seg_sizes) if per_tensor else 1
     if not per_tensor:
         seg_sizes = [n_partials]
@@ -110,6 +118,6 @@ def make_plan(numels: Sequence[Sequence[int]], per_tensor: bool, device: torch.d
         rows=rows,
         partial_offsets=offsets,
         partials=torch.zeros(max(n_partials, 1), dtype=ACC_DTYPE, device=device),
-        seg_ptr=torch.tensor(seg_ptr, dtype=torch.int64).to(device),
+        seg_ptr=_upload(torch.tensor(seg_ptr, dtype=torch.int64), device),
         n_sumsq=n_sumsq,
     )

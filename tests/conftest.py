@@ -1,14 +1,17 @@
-"""Shared fixtures. Triton's interpreter must be switched on before triton is first imported."""
+"""Shared fixtures.
+
+Triton's interpreter (what runs the "triton" backend on CPU tensors) is switched on by the caller,
+before triton is first imported: scripts/test.sh exports TRITON_INTERPRET=1. Nothing here sets it:
+on a GPU machine, with the variable unset, the GPU tests compile Triton for real.
+"""
 
 import importlib.util
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import sngm_ext  # noqa: E402
+import sngm_ext
 
 
 def _available(name):
@@ -47,3 +50,4 @@ def fused_backend(request):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "gpu_extra: the GPU kit's extra checks (needs a CUDA device)")
