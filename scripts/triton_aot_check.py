@@ -26,7 +26,13 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from sngm_ext.triton_kernels.common import num_warps  # noqa: E402
-from sngm_ext.triton_kernels.norm import _finalize_kernel, _sumsq_kernel  # noqa: E402
+from sngm_ext.triton_kernels.norm import (  # noqa: E402
+    FINALIZE_SEG_BLOCK,
+    FINALIZE_TOTAL_BLOCK,
+    FINALIZE_WARPS,
+    _finalize_kernel,
+    _sumsq_kernel,
+)
 from sngm_ext.triton_kernels.update import _update_kernel  # noqa: E402
 
 CHUNK = 4096  # sngm_ext's chunk-table CHUNK (csrc/sngm_math.h kChunk): the launchers' block
@@ -64,9 +70,9 @@ def variants():
             "sign": "fp32", "partials_ptr": "*fp64", "partial_offset": "i32",
         }), {"DTYPE": tl_dt, "BLOCK": CHUNK}, num_warps(torch_dt)
     yield "finalize", _finalize_kernel, _signature(_finalize_kernel, {
-        "partials_ptr": "*fp64", "seg_ptr": "*i64", "n_segments": "i32",
+        "partials_ptr": "*fp64", "n_partials": "i32", "seg_ptr": "*i64", "n_segments": "i32",
         "found_inf_ptr": "*fp32", "sumsq_ptr": "*fp64",
-    }), {"PER_SEGMENT": True, "BLOCK": 1024}, 4
+    }), {"TOTAL_BLOCK": FINALIZE_TOTAL_BLOCK, "SEG_BLOCK": FINALIZE_SEG_BLOCK}, FINALIZE_WARPS
 
 
 def ptxas_report(ptx: str, arch: int) -> dict:

@@ -70,3 +70,4 @@ def test_sumsq_kernel_vector_and_scalar_paths(report, arch, dt):
 def test_finalize_kernel_compiles_without_spills(report, arch):
     k = report[f"finalize_sm{arch}"]
     assert k["spill_bytes"] == 0 and k["inexact"] == 0 and k["fma"] == 0, k
+    assert k["st_other"] == 2, k  # sumsq[0] (program 0) and sumsq[1 + s] (the segment programs)

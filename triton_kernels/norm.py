@@ -2,9 +2,11 @@
 deterministically.
 
 ``_sumsq_kernel`` writes one fp64 partial sum per chunk (no atomics: a float atomic_add would make
-the norm depend on scheduling); ``_finalize_kernel`` is a single program that adds the partials of
-each segment in a fixed order, so the same inputs give the same bits on every run. The square root
-and the finite check come later, after a distributed all-reduce of the sums if there is one.
+the norm depend on scheduling); ``_finalize_kernel`` adds them up in one launch: one program the
+total, and with norm="tensor" one program per segment, each in a fixed order, so the same inputs
+give the same bits on every run (the total is summed from the partials, not from the segment sums:
+equal up to rounding, not bit for bit). The square root and the finite check come later, after a
+distributed all-reduce of the sums if there is one.
 """
 
 import triton
@@ -68,29 +70,53 @@ def _sumsq_kernel(
     tl.store(partials_ptr + partial_offset + tl.program_id(0), acc)
 
 
+# finalize's launch: program 0 (the total) streams every partial with FINALIZE_TOTAL_BLOCK lanes
+# (ResNet-50's 6.3k partials are 4 passes); the segment programs (norm="tensor": one per tensor,
+# mostly a few partials each) use FINALIZE_SEG_BLOCK. scripts/triton_aot_check.py compiles these.
+FINALIZE_TOTAL_BLOCK = 2048
+FINALIZE_SEG_BLOCK = 256
+FINALIZE_WARPS = 4
+
+
+@triton.jit
+def _range_sum(partials_ptr, lo, hi, BLOCK: tl.constexpr):
+    """partials[lo:hi] summed in a fixed order: lane i adds lo + i, lo + i + BLOCK, ... in index
+    order, then one tree over the lanes (the same shape on every run)."""
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
+    for c in range(lo, hi, BLOCK):
+        offs = c + tl.arange(0, BLOCK)
+        acc += tl.load(partials_ptr + offs, mask=offs < hi, other=0.0).to(tl.float64)
+    return tl.sum(acc, axis=0)
+
+
 @triton.jit
 def _finalize_kernel(
     partials_ptr,  # float64
+    n_partials,
     seg_ptr,  # int64 [n_segments + 1]
     n_segments,
     found_inf_ptr,  # float32 0-dim (0 when there is none)
     sumsq_ptr,  # float64
-    PER_SEGMENT: tl.constexpr,
-    BLOCK: tl.constexpr,
+    TOTAL_BLOCK: tl.constexpr,
+    SEG_BLOCK: tl.constexpr,
 ):
-    total = tl.zeros([BLOCK], dtype=tl.float64)
-    for s in range(0, n_segments):
-        lo = tl.load(seg_ptr + s)
-        hi = tl.load(seg_ptr + s + 1)
-        acc = tl.zeros([BLOCK], dtype=tl.float64)
-        for c in range(lo, hi, BLOCK):
-            offs = c + tl.arange(0, BLOCK)
-            acc += tl.load(partials_ptr + offs, mask=offs < hi, other=0.0).to(tl.float64)
-        if PER_SEGMENT:
-            tl.store(sumsq_ptr + 1 + s, tl.sum(acc, axis=0).to(sumsq_ptr.dtype.element_ty))
-        total += acc
-    total_sum = tl.where(tl.load(found_inf_ptr) != 0, float("inf"), tl.sum(total, axis=0))
-    tl.store(sumsq_ptr, total_sum.to(sumsq_ptr.dtype.element_ty))
+    # Program 0: sumsq[0], the partials every segment covers; program 1 + s (norm="tensor" only):
+    # sumsq[1 + s]. seg_ptr lives on the device: each bound is clamped to [0, n_partials] (an empty
+    # or reversed range sums to 0), and nothing is read of it when there are no segments.
+    pid = tl.program_id(0)
+    has = n_segments > 0
+    if pid == 0:
+        lo = tl.maximum(tl.load(seg_ptr, mask=has, other=0), 0)
+        hi = tl.minimum(tl.load(seg_ptr + n_segments, mask=has, other=0), n_partials)
+        total = _range_sum(partials_ptr, lo, hi, TOTAL_BLOCK)
+        total = tl.where(tl.load(found_inf_ptr) != 0, float("inf"), total)
+        tl.store(sumsq_ptr, total.to(sumsq_ptr.dtype.element_ty))
+    else:
+        s = pid - 1
+        lo = tl.maximum(tl.load(seg_ptr + s), 0)
+        hi = tl.minimum(tl.load(seg_ptr + s + 1), n_partials)
+        seg = _range_sum(partials_ptr, lo, hi, SEG_BLOCK)
+        tl.store(sumsq_ptr + 1 + s, seg.to(sumsq_ptr.dtype.element_ty))
 
 
 def sumsq(params, grads, chunks, grad_scale, weight_decay, maximize, partials, partial_offset, *,
@@ -122,18 +148,22 @@ def sumsq(params, grads, chunks, grad_scale, weight_decay, maximize, partials, p
 
 
 def finalize(partials, seg_ptr, found_inf, sumsq):
-    """sumsq[0] = sum of all partials (+inf when found_inf is nonzero); sumsq[1 + s] = segment s's
-    sum when sumsq has room."""
+    """sumsq[0] = sum of the partials the segments cover (+inf when found_inf is nonzero);
+    sumsq[1 + s] = segment s's sum when sumsq has more than one entry. One launch."""
+    n_segments = max(seg_ptr.shape[0] - 1, 0)
+    per_segment = sumsq.shape[0] > 1
+    if per_segment and sumsq.shape[0] < 1 + n_segments:
+        raise ValueError(f"finalize: sumsq has {sumsq.shape[0]} entries, fewer than 1 + "
+                         f"{n_segments} segments")
     with launch_guard(sumsq):
-        # One program of 1024 lanes: ResNet-50's 6.3k partials are 7 vector loads.
-        _finalize_kernel[(1,)](
+        _finalize_kernel[(1 + n_segments if per_segment else 1,)](
             partials,
+            partials.numel(),
             seg_ptr,
-            seg_ptr.shape[0] - 1,
+            n_segments,
             constant(sumsq.device, 0.0) if found_inf is None else found_inf,
             sumsq,
-            PER_SEGMENT=sumsq.shape[0] > 1,
-            BLOCK=1024,
-            num_warps=4,
+            TOTAL_BLOCK=FINALIZE_TOTAL_BLOCK,
+            SEG_BLOCK=FINALIZE_SEG_BLOCK,
+            num_warps=FINALIZE_WARPS,
         )
-
