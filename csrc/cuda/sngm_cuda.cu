@@ -379,38 +379,50 @@ __global__ void __launch_bounds__(kThreads, kUpdateMinBlocks<typename Traits<D>:
   }
 }
 
+// Both dispatchers return what f returns: each launcher's f is one launch, whose cudaError_t is
+// that launch's own error (see launch_config).
 template <typename F>
-void bool_dispatch(bool b, F&& f) {
+cudaError_t bool_dispatch(bool b, F&& f) {
   if (b) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
+    return f(std::true_type{});
   }
+  return f(std::false_type{});
 }
 
 template <typename F>
 cudaError_t dtype_dispatch(Dtype d, F&& f) {
   switch (d) {
     case Dtype::kFloat:
-      f(std::integral_constant<Dtype, Dtype::kFloat>{});
-      break;
+      return f(std::integral_constant<Dtype, Dtype::kFloat>{});
     case Dtype::kDouble:
-      f(std::integral_constant<Dtype, Dtype::kDouble>{});
-      break;
+      return f(std::integral_constant<Dtype, Dtype::kDouble>{});
     case Dtype::kBFloat16:
-      f(std::integral_constant<Dtype, Dtype::kBFloat16>{});
-      break;
+      return f(std::integral_constant<Dtype, Dtype::kBFloat16>{});
     case Dtype::kHalf:
-      f(std::integral_constant<Dtype, Dtype::kHalf>{});
-      break;
+      return f(std::integral_constant<Dtype, Dtype::kHalf>{});
     default:
       return cudaErrorInvalidValue;
   }
-  return cudaGetLastError();
 }
 
 dim3 one_block_per_chunk(int64_t n_chunks) {  // grid x: up to 2^31 - 1 blocks
   return dim3(static_cast<unsigned int>(n_chunks));
+}
+
+// Every launch goes through cudaLaunchKernelEx (cuda_runtime.h's type-checked template: the
+// arguments are converted to the kernel's parameter types), whose return value is the error of
+// that launch alone. `<<<>>>` followed by cudaGetLastError() would also report (and clear) an
+// earlier, unrelated error left pending by someone else's call as ours. A sticky error (a dead
+// context) is still returned by any call, ours included: that one concerns every launch.
+cudaLaunchConfig_t launch_config(dim3 grid, int threads, cudaStream_t stream) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(static_cast<unsigned int>(threads));
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  config.attrs = nullptr;
+  config.numAttrs = 0;
+  return config;
 }
 
 }  // namespace
@@ -423,10 +435,11 @@ cudaError_t launch_sumsq(const Lists& l, double weight_decay, bool maximize, dou
   return dtype_dispatch(l.dtype, [&](auto d) {
     constexpr Dtype D = decltype(d)::value;
     using C = typename Traits<D>::C;
-    bool_dispatch(weight_decay != 0.0, [&](auto has_wd) {
-      sumsq_kernel<D, decltype(has_wd)::value>
-          <<<one_block_per_chunk(l.n_chunks), kThreads, 0, stream>>>(
-              l, maximize ? C(-1) : C(1), static_cast<C>(weight_decay), partials);
+    return bool_dispatch(weight_decay != 0.0, [&](auto has_wd) {
+      const cudaLaunchConfig_t config =
+          launch_config(one_block_per_chunk(l.n_chunks), kThreads, stream);
+      return cudaLaunchKernelEx(&config, sumsq_kernel<D, decltype(has_wd)::value>, l,
+                                maximize ? C(-1) : C(1), static_cast<C>(weight_decay), partials);
     });
   });
 }
@@ -434,9 +447,9 @@ cudaError_t launch_sumsq(const Lists& l, double weight_decay, bool maximize, dou
 cudaError_t launch_finalize(const double* partials, int64_t n_partials, const int64_t* seg_ptr,
                             int64_t n_segments, const float* found_inf, double* sumsq,
                             bool per_segment, cudaStream_t stream) {
-  finalize_kernel<<<1, kFinalizeThreads, 0, stream>>>(partials, n_partials, seg_ptr, n_segments,
-                                                       found_inf, sumsq, per_segment);
-  return cudaGetLastError();
+  const cudaLaunchConfig_t config = launch_config(dim3(1), kFinalizeThreads, stream);
+  return cudaLaunchKernelEx(&config, finalize_kernel, partials, n_partials, seg_ptr, n_segments,
+                            found_inf, sumsq, per_segment);
 }
 
 cudaError_t launch_update(const Lists& l, bool has_momentum, const double* sumsq, int64_t n_sumsq,
@@ -449,17 +462,21 @@ cudaError_t launch_update(const Lists& l, bool has_momentum, const double* sumsq
     constexpr Dtype D = decltype(d)::value;
     using C = typename Traits<D>::C;
     auto launch = [&](auto has_mom, auto nest, auto has_wd) {
-      update_kernel<D, decltype(has_mom)::value, decltype(nest)::value, decltype(has_wd)::value>
-          <<<one_block_per_chunk(l.n_chunks), kThreads, 0, stream>>>(
-              l, sumsq, n_sumsq, static_cast<C>(lr.value), lr.f32, lr.f64,
-              static_cast<C>(momentum), static_cast<C>(weight_decay), maximize ? C(-1) : C(1));
+      const cudaLaunchConfig_t config =
+          launch_config(one_block_per_chunk(l.n_chunks), kThreads, stream);
+      return cudaLaunchKernelEx(
+          &config,
+          update_kernel<D, decltype(has_mom)::value, decltype(nest)::value,
+                        decltype(has_wd)::value>,
+          l, sumsq, n_sumsq, static_cast<C>(lr.value), lr.f32, lr.f64, static_cast<C>(momentum),
+          static_cast<C>(weight_decay), maximize ? C(-1) : C(1));
     };
-    bool_dispatch(weight_decay != 0.0, [&](auto has_wd) {
+    return bool_dispatch(weight_decay != 0.0, [&](auto has_wd) {
       if (!has_momentum) {
-        launch(std::false_type{}, std::false_type{}, has_wd);
-      } else {
-        bool_dispatch(nesterov, [&](auto nest) { launch(std::true_type{}, nest, has_wd); });
+        return launch(std::false_type{}, std::false_type{}, has_wd);
       }
+      return bool_dispatch(nesterov,
+                           [&](auto nest) { return launch(std::true_type{}, nest, has_wd); });
     });
   });
 }

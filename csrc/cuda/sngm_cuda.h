@@ -1,5 +1,7 @@
 // Launchers of the CUDA kernels (sngm_cuda.cu). Plain C++ types only, so the .cu includes no torch
-// header at all and the host side (sngm_cuda_ops.cpp) keeps every at::Tensor.
+// header at all and the host side (sngm_cuda_ops.cpp) keeps every at::Tensor. Each launcher
+// returns the error of its own launch (cudaLaunchKernelEx's return value), never one that an
+// earlier, unrelated call left pending.
 #pragma once
 
 #include <cuda_runtime_api.h>

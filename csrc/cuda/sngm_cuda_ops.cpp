@@ -1,16 +1,22 @@
 // sngm_native::{sumsq, finalize, update} for the CUDA dispatch key (docs/ops.md): argument
-// checks, the device table of the lists' pointers, the current device and stream, then the
-// launchers of sngm_cuda.cu. Module sngm_ext._C_cuda; the schemas are defined in Python
-// (sngm_ext/_ops.py), so this registers implementations only and needs no other module.
+// checks, the device table of the lists' pointers (cached: see device_table), the current device
+// and stream, then the launchers of sngm_cuda.cu. Module sngm_ext._C_cuda; the schemas are defined
+// in Python (sngm_ext/_ops.py), so this registers implementations only and needs no other module.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
 #include <optional>
+#include <unordered_map>
+#include <vector>
 
 #include "../sngm_common.h"
 #include "sngm_cuda.h"
@@ -138,28 +144,179 @@ c10::Device check_lists(const char* op, at::TensorList params, at::TensorList gr
   return device;
 }
 
-// The device table (sngm_cuda.h TensorRow): filled in pinned memory and copied on the current
-// stream without a host sync. The caching host allocator keeps the pinned block until the copy
-// is done, and the device block is reused only by later work on this stream. `writes`: update
-// writes params and momentum, so it takes their mutable pointers (a copy-on-write storage is
-// materialized first).
+// ---- The device tables (sngm_cuda.h TensorRow), cached ----------------------------------------
+//
+// A table is the int64 tensor [n, 4] of rows {param, grad, momentum (0 without), numel}. It is
+// cached under its key: the device index followed by the very contents of its rows. The same key
+// therefore always gives a table with exactly the rows a fresh build would have (a cached table
+// never points at memory its tensors left: a moved or reallocated tensor is another key), and a
+// steady loop (same params; grads and momentum recycled by the caching allocator at the same
+// addresses) builds and uploads nothing. A new key builds a table: filled in pinned memory and
+// copied on the current stream without a host sync (the caching host allocator keeps the pinned
+// block until the copy is done). A cached table is only ever read by kernels, never written after
+// its upload.
+//
+// Streams. A table lives in a block of the caching allocator allocated on its upload stream H;
+// when the cache drops it, the block goes back to H's pool and later work on H may reuse it, which
+// is stream-ordered after every kernel on H that read it. A call on another stream S reads it
+// too: before that launch, S waits for the upload (an event recorded after the copy on H) and the
+// block is marked as used on S (recordStream), so that freeing it records an event on S and the
+// allocator reuses the block only once S's kernels enqueued so far are done. Dropping a table
+// while a kernel on any stream still reads it thus never frees memory under that kernel, and the
+// cache can be cleared from any thread on any stream. (The alternative, clearing only when a build
+// runs on the stream of every dropped table, would not cover a table read on several streams.)
+// Entries are dropped outside the lock (freeing may call torch's tracing hooks).
+//
+// CUDA graphs. A captured kernel keeps the table's address for every replay, so a table read
+// during a capture is marked and never dropped (the bound does not count it). No wait is captured
+// for its upload (waiting on an event recorded outside a capture would add one external node per
+// call to the graph): the upload was enqueued on H right before the table's first kernel, which
+// covers these very tensors, and a graph is replayed after its warm-up (torch.cuda.graph even
+// synchronizes the device before capturing). A table that does not exist yet when a capture asks
+// for it is built in the capture (its copy from the pinned buffer is a node of the graph, redone at
+// each replay): it is neither cached nor served to anyone else (its memory is filled only when
+// the graph runs), and it and its pinned buffer are kept for good, so that no replay reads or
+// copies freed memory. A warm-up step before capturing makes the captured step read cached tables
+// only.
+constexpr size_t kMaxCachedTables = 4096;  // norm_in_backward asks for one table per param a step
+
+struct UploadEvent {  // the event recorded after a table's upload, on its upload stream
+  cudaEvent_t event = nullptr;
+  UploadEvent() = default;
+  UploadEvent(const UploadEvent&) = delete;
+  UploadEvent& operator=(const UploadEvent&) = delete;
+  ~UploadEvent() {
+    if (event != nullptr) {
+      // Destroying an event whose work is pending is allowed (released once it completes), and
+      // waits already enqueued on it are kept. Not checked: nothing to do about it here.
+      (void)cudaEventDestroy(event);
+    }
+  }
+};
+
+struct CachedTable {
+  at::Tensor table;                     // int64 [n, 4] on the device
+  cudaStream_t stream;                  // H: where it was allocated and uploaded
+  std::shared_ptr<UploadEvent> upload;  // recorded on H right after the copy
+  bool in_graph = false;                // read by a captured graph: never dropped
+};
+
+struct KeyHash {
+  size_t operator()(const std::vector<int64_t>& key) const noexcept {
+    uint64_t h = 0x9e3779b97f4a7c15ULL ^ key.size();
+    for (const int64_t v : key) {  // splitmix64 of each value, chained
+      uint64_t x = h ^ static_cast<uint64_t>(v);
+      x += 0x9e3779b97f4a7c15ULL;
+      x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+      x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+      h = x ^ (x >> 31);
+    }
+    return static_cast<size_t>(h);
+  }
+};
+
+struct TableCache {
+  std::mutex mutex;  // guards everything below
+  std::unordered_map<std::vector<int64_t>, CachedTable, KeyHash> tables;
+  size_t droppable = 0;                // entries of `tables` not in_graph
+  std::vector<at::Tensor> graph_only;  // built during a capture (table and pinned source): kept
+};
+
+TableCache& table_cache() {
+  // Never destroyed: at exit the CUDA runtime and torch's allocators may already be gone.
+  static TableCache* cache = new TableCache();
+  return *cache;
+}
+
+// The device table of these lists (checked by check_lists) for a launch on `stream`, the current
+// stream of `device` (the caller holds a guard for `device`). `writes`: update writes params and
+// momentum, so it takes their mutable pointers (a copy-on-write storage is materialized first),
+// which are then the table's, and its key's, addresses.
 at::Tensor device_table(at::TensorList params, at::TensorList grads, at::TensorList momentum,
-                        c10::Device device, bool writes) {
+                        c10::Device device, bool writes, const c10::cuda::CUDAStream& stream) {
   const int64_t n = static_cast<int64_t>(params.size());
-  at::Tensor host = at::empty({n, 4}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  int64_t* rows = host.data_ptr<int64_t>();
   auto address = [](const void* p) {
     return static_cast<int64_t>(reinterpret_cast<intptr_t>(p));
   };
+  // key[0] the device index, key[1 + 4 i + k] row i's field k (sngm_cuda.h TensorRow)
+  std::vector<int64_t> key(1 + 4 * static_cast<size_t>(n));
+  key[0] = device.index();
   for (int64_t i = 0; i < n; ++i) {
-    rows[4 * i + 0] =
-        address(writes ? params[i].mutable_data_ptr() : params[i].const_data_ptr());
-    rows[4 * i + 1] = address(grads[i].const_data_ptr());
-    rows[4 * i + 2] = momentum.empty() ? 0 : address(momentum[i].mutable_data_ptr());
-    rows[4 * i + 3] = params[i].numel();
+    int64_t* row = key.data() + 1 + 4 * i;
+    row[0] = address(writes ? params[i].mutable_data_ptr() : params[i].const_data_ptr());
+    row[1] = address(grads[i].const_data_ptr());
+    row[2] = momentum.empty() ? 0 : address(momentum[i].mutable_data_ptr());
+    row[3] = params[i].numel();
+  }
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &capture));
+  const bool capturing = capture != cudaStreamCaptureStatusNone;  // active or invalidated
+  TableCache& cache = table_cache();
+
+  {  // a cached table: copied out under the lock (the references keep it and its event alive)
+    at::Tensor table;
+    std::shared_ptr<UploadEvent> upload;
+    bool other_stream = false;
+    {
+      std::lock_guard<std::mutex> lock(cache.mutex);
+      const auto it = cache.tables.find(key);
+      if (it != cache.tables.end()) {
+        CachedTable& e = it->second;
+        if (capturing && !e.in_graph) {
+          e.in_graph = true;  // from now on the graph reads it at each replay: never dropped
+          --cache.droppable;
+        }
+        table = e.table;
+        upload = e.upload;
+        other_stream = e.stream != stream.stream();
+      }
+    }
+    if (table.defined()) {
+      if (other_stream && !capturing) {
+        C10_CUDA_CHECK(cudaStreamWaitEvent(stream.stream(), upload->event, 0));
+        c10::cuda::CUDACachingAllocator::recordStream(table.storage().data_ptr(), stream);
+      }
+      return table;
+    }
+  }
+
+  // A new key: build (outside the lock: pinned allocation and copy), then cache.
+  at::Tensor host = at::empty({n, 4}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  if (n > 0) {
+    std::memcpy(host.data_ptr<int64_t>(), key.data() + 1, sizeof(int64_t) * 4 * n);
   }
   at::Tensor table = at::empty({n, 4}, at::TensorOptions().dtype(at::kLong).device(device));
   table.copy_(host, /*non_blocking=*/true);
+  if (capturing) {
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    cache.graph_only.push_back(table);
+    cache.graph_only.push_back(host);
+    return table;
+  }
+  auto upload = std::make_shared<UploadEvent>();
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&upload->event, cudaEventDisableTiming));
+  C10_CUDA_CHECK(cudaEventRecord(upload->event, stream.stream()));
+  std::vector<CachedTable> dropped;  // destroyed after `lock` is released
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  if (cache.tables.find(key) != cache.tables.end()) {
+    return table;  // another thread cached this key meanwhile: this call uses its own build
+  }
+  if (cache.droppable >= kMaxCachedTables) {
+    // Drop every entry no graph reads (see Streams above: safe whatever stream still reads one).
+    dropped.reserve(cache.droppable);
+    for (auto it = cache.tables.begin(); it != cache.tables.end();) {
+      if (it->second.in_graph) {
+        ++it;
+      } else {
+        dropped.push_back(std::move(it->second));
+        it = cache.tables.erase(it);
+      }
+    }
+    cache.droppable = 0;
+  }
+  cache.tables.emplace(std::move(key),
+                       CachedTable{table, stream.stream(), std::move(upload), false});
+  ++cache.droppable;
   return table;
 }
 
@@ -189,10 +346,11 @@ void sumsq(at::TensorList params, at::TensorList grads, const at::Tensor& chunks
     return;
   }
   c10::cuda::CUDAGuard guard(device);
-  const at::Tensor table = device_table(params, grads, {}, device, /*writes=*/false);
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
+  const at::Tensor table = device_table(params, grads, {}, device, /*writes=*/false, stream);
   C10_CUDA_CHECK(cuda::launch_sumsq(lists_of(params, table, chunks, gs, "sumsq"), weight_decay,
                                     maximize, partials.data_ptr<double>() + partial_offset,
-                                    c10::cuda::getCurrentCUDAStream(device.index())));
+                                    stream.stream()));
 }
 
 void finalize(const at::Tensor& partials, const at::Tensor& seg_ptr,
@@ -232,11 +390,13 @@ void update(at::TensorList params, at::TensorList grads, at::TensorList momentum
     return;
   }
   c10::cuda::CUDAGuard guard(device);
-  const at::Tensor table = device_table(params, grads, momentum_buffers, device, /*writes=*/true);
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
+  const at::Tensor table =
+      device_table(params, grads, momentum_buffers, device, /*writes=*/true, stream);
   C10_CUDA_CHECK(cuda::launch_update(lists_of(params, table, chunks, gs, "update"),
                                      !momentum_buffers.empty(), sumsq.const_data_ptr<double>(),
                                      sumsq.numel(), rate, momentum, weight_decay, nesterov,
-                                     maximize, c10::cuda::getCurrentCUDAStream(device.index())));
+                                     maximize, stream.stream()));
 }
 
 }  // namespace
