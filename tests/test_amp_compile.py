@@ -1,0 +1,137 @@
+"""The step the way modern loops run it: the real torch.amp.GradScaler (SNGM takes its fused path),
+torch.compile(opt.step) with fullgraph=True, and what can be seen on CPU of a capturable step
+(nothing built or uploaded in a steady loop). Every backend that runs on CPU."""
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from sngm_ext import SNGM
+
+
+def model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+
+
+def loss_of(m, step):
+    g = torch.Generator().manual_seed(300 + step)
+    x, y = torch.randn(24, 12, generator=g), torch.randn(24, 3, generator=g)
+    return (m(x) - y).square().mean()
+
+
+def params_of(m):
+    return [p.detach().clone() for p in m.parameters()]
+
+
+# ---------------------------------------------------------------- GradScaler
+
+
+def _train(backend, weight_decay, scaler, unscale=False, inf_at=3, steps=6, init_scale=2.0**14):
+    m = model()
+    opt = SNGM(m.parameters(), lr=0.05, momentum=0.9, weight_decay=weight_decay, backend=backend)
+    sc = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=2) if scaler else None
+    scales = []
+    for t in range(steps):
+        opt.zero_grad()
+        loss = loss_of(m, t)
+        if t == inf_at:
+            loss = loss * float("inf")
+        if sc is None:
+            loss.backward()
+            opt.step()
+        else:
+            sc.scale(loss).backward()
+            if unscale:  # the clipping recipe: unscale, clip, then step through the scaler
+                sc.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 1e9)  # clips nothing
+            sc.step(opt)
+            sc.update()
+            scales.append(sc.get_scale())
+    return params_of(m), opt, scales
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+@pytest.mark.parametrize("unscale", [False, True])
+def test_grad_scaler_gives_the_unscaled_run(backend, weight_decay, unscale):
+    """The real GradScaler, its growth and backoff and an inf step included: the same params as
+    training without it (a power-of-two scale divides exactly), the inf step skipped on the
+    device, and no unscale pass of SNGM's own (grads stay scaled until the kernels read them)."""
+    got, opt, scales = _train(backend, weight_decay, True, unscale)
+    ref, ref_opt, _ = _train(backend, weight_decay, False)
+    assert opt.skipped_steps.item() == 1 and ref_opt.skipped_steps.item() == 1
+    assert scales[3] == scales[2] / 2 and max(scales) > 2.0**14  # backed off once, grew too
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(opt.grad_norm, ref_opt.grad_norm, rtol=1e-6, atol=0)
+
+
+def test_grad_scaler_with_a_scale_that_is_not_a_power_of_two(backend):
+    """init_scale=1000: the kernels divide by it on the fly (weight decay makes the scale matter);
+    within rounding of the unscaled run."""
+    got, _, _ = _train(backend, 1e-2, True, init_scale=1000.0, inf_at=None)
+    ref, _, _ = _train(backend, 1e-2, False, inf_at=None)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.parametrize("norm_in_backward", [False, True])
+def test_compiled_step_is_one_graph_and_the_eager_step(backend, norm_in_backward):
+    """torch.compile(opt.step, fullgraph=True): no graph break (torch's SGD has one), at most two
+    frames in four steps (the first step creates the momentum buffers), and the eager bits."""
+    if norm_in_backward and backend == "reference":
+        pytest.skip("norm_in_backward needs a fused backend")
+    runs = []
+    for compiled in (False, True):
+        m = model()
+        opt = SNGM(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, backend=backend,
+                   norm_in_backward=norm_in_backward)
+        torch._dynamo.reset()
+        counters.clear()
+        step = torch.compile(opt.step, backend="aot_eager", fullgraph=True) if compiled \
+            else opt.step
+        for t in range(4):
+            opt.zero_grad()
+            loss_of(m, t).backward()
+            step()
+        if compiled:
+            assert sum(counters["graph_break"].values()) == 0
+            assert counters["stats"]["unique_graphs"] <= 2
+        runs.append(params_of(m))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- capturable, as far as a CPU shows
+
+
+def test_a_steady_loop_builds_and_uploads_nothing(fused_backend):
+    """After the first step, steps with new grad tensors every time (set_to_none=True) find their
+    chunk tables cached: nothing built, nothing uploaded (what a captured CUDA graph needs; the
+    pointer tables are cached by the exact pointers, which a GPU's caching allocator gives back
+    in a steady loop), and a tensor lr changed in place is honoured."""
+    from sngm_ext import layout
+
+    m = model()
+    lr = torch.tensor(0.05)
+    opt = SNGM(m.parameters(), lr=lr, momentum=0.9, backend=fused_backend)
+    built = []
+    real = layout.make_plan
+    layout.make_plan = lambda *a, **k: built.append(1) or real(*a, **k)
+    try:
+        for t in range(5):
+            opt.zero_grad()
+            loss_of(m, t).backward()
+            before = params_of(m)
+            lr.fill_(0.05 * (t + 1))
+            opt.step()
+            # the step moved the params by at most lr / (1 - momentum), lr as just set
+            moved = torch.cat([(a - b).flatten() for a, b in zip(params_of(m), before)]).norm()
+            assert moved <= 0.05 * (t + 1) / (1 - 0.9) * (1 + 1e-5)
+    finally:
+        layout.make_plan = real
+    assert len(built) == 1  # the first step's tables; none after
