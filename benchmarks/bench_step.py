@@ -27,11 +27,18 @@ beyond the params and the grads the params point at (momentum, chunk tables, par
 
 Results: a table on stdout (progress on stderr), and under --out (benchmarks/results/ by default)
 step_<cpu|gpu>[_full][_t<threads>]_<date>.json / .png / .md plus latest_<cpu|gpu>.json / .png / .md.
+
+--budget-s SECONDS caps the whole run (for a machine lent for minutes): a set that would start with
+less than MIN_SET_S of it left is skipped and listed as such, each set's sampling budget shrinks to
+its share of what is left, and the JSON / MD are rewritten after every set (atomically, with
+"budget": {"finished": false, ...} until the end), so a run killed from outside keeps what it
+measured. Without the option nothing changes.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import gc
 import json
@@ -40,6 +47,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -51,13 +59,19 @@ if HERE not in sys.path:
 
 from foreach_sngm import ForeachSNGM  # noqa: E402
 from param_sets import ParamSet, parse_sets, sets_for  # noqa: E402
-from timing import Case, CopyProbe, Progress, Timer, run_interleaved, summarize  # noqa: E402
+from timing import Budget, Case, CopyProbe, Progress, Timer, run_interleaved, summarize  # noqa: E402
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 1e-4
 HYPER = dict(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 # The reference backend keeps a full fp32 copy of the directions plus temporaries: above this many
 # params it is left out on a GPU (it would not fit beside the other variants).
 REFERENCE_MAX_NUMEL_GPU = 300_000_000
+# --budget-s: a set is started only with at least this many seconds of the budget left; each set's
+# sampling budget is at most BUDGET_SHARE of its fair share of what is left (the rest is for
+# building, warm-up and the memory probes); the final write (and plot) keeps FINAL_RESERVE_S.
+MIN_SET_S = 1.0
+BUDGET_SHARE = 0.5
+FINAL_RESERVE_S = 3.0
 
 BYTES_MODEL = {
     "unit": "bytes per param element, s = element size of the params' dtype",
@@ -311,7 +325,10 @@ class Settings:
 
 def measure_set(pset: ParamSet, device: torch.device, specs: Sequence[VariantSpec],
                 timer: Timer, settings: Settings, progress: Progress,
-                probe: Optional[CopyProbe] = None) -> Dict[str, object]:
+                probe: Optional[CopyProbe] = None,
+                deadline: Optional[float] = None) -> Dict[str, object]:
+    """One set's results. ``deadline`` (time.perf_counter(), --budget-s): warm-ups stop after two
+    steps and rounds stop (after the first) once it has passed."""
     label = f"{pset.name}:"
     progress.update(f"{label} building {pset.numel:,} params in {pset.n_tensors} tensors", force=True)
     wl = Workload(pset, device)
@@ -331,6 +348,8 @@ def measure_set(pset: ParamSet, device: torch.device, specs: Sequence[VariantSpe
             while len(times) < settings.warmup:
                 times.append(timer(b.step))
                 if len(times) >= 2 and sum(times) > settings.warmup_budget_s:
+                    break
+                if len(times) >= 2 and deadline is not None and time.perf_counter() >= deadline:
                     break
             est[spec.name] = max(min(times[1:] or times), 1e-7)
             built.append(b)
@@ -359,7 +378,10 @@ def measure_set(pset: ParamSet, device: torch.device, specs: Sequence[VariantSpe
     for c in cases:
         c.per_round = n_per[c.name]
     samples = run_interleaved(timer, cases, warmup=0, rounds=rounds, per_round=settings.per_round,
-                              progress=progress, label=label)
+                              progress=progress, label=label, deadline=deadline)
+    planned = rounds
+    if deadline is not None and cases:  # rounds actually run (the deadline may have cut them)
+        rounds = min(len(samples[c.name]) // (c.per_round or settings.per_round) for c in cases)
 
     rows = []
     for b in built:
@@ -399,7 +421,7 @@ def measure_set(pset: ParamSet, device: torch.device, specs: Sequence[VariantSpe
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {
+    res = {
         "name": pset.name,
         "note": pset.note,
         "kind": pset.kind,
@@ -414,6 +436,10 @@ def measure_set(pset: ParamSet, device: torch.device, specs: Sequence[VariantSpe
         "variants": rows,
         "skipped": skipped,
     }
+    if deadline is not None:
+        res["budget_s"] = settings.budget_s
+        res["rounds_planned"] = planned
+    return res
 
 
 # --------------------------------------------------------------------------------------------
@@ -508,7 +534,24 @@ def format_markdown(report: Dict[str, object], json_name: str) -> str:
         out.append("Not measured here: " + "; ".join(
             f"{k} ({v})" for k, v in report["unavailable"].items()))
         out.append("")
+    if report.get("budget"):
+        out.append(budget_line(report))
+        out.append("")
     return "\n".join(out)
+
+
+def budget_line(report: Dict[str, object]) -> str:
+    """One line on the --budget-s run: how far it got and which sets it skipped."""
+    b = report["budget"]
+    done = len(report["sets"])
+    state = "finished" if b["finished"] else "in progress (rewritten after each set)"
+    line = (f"Time budget {b['budget_s']:g} s (--budget-s), {state}: {done} of "
+            f"{len(b['sets_planned'])} sets measured in {b['elapsed_s']:.1f} s")
+    if b["skipped_sets"]:
+        line += "; skipped: " + "; ".join(f"{k} ({v})" for k, v in b["skipped_sets"].items())
+    if report.get("errors"):
+        line += "; failed: " + "; ".join(f"{k} ({v})" for k, v in report["errors"].items())
+    return line + "."
 
 
 def plot(report: Dict[str, object], path: str) -> None:
@@ -584,6 +627,40 @@ def plot(report: Dict[str, object], path: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def save_report(report: Dict[str, object], out: str, base: str, kind: str,
+                with_plot: bool = True) -> List[str]:
+    """Writes ``base``.json / .md (/ .png) and latest_<kind>.* beside them; the paths written.
+
+    Each file is replaced atomically (a run killed while writing leaves the previous version), and
+    the numbers are all written before the plot is drawn.
+    """
+    os.makedirs(out, exist_ok=True)
+    json_name = os.path.basename(base) + ".json"
+    text = {".json": json.dumps(report, indent=1), ".md": format_markdown(report, json_name)}
+    written = []
+    for ext, body in text.items():
+        _write_atomic(base + ext, body)
+        _write_atomic(os.path.join(out, f"latest_{kind}{ext}"), body)
+        written.append(base + ext)
+    if with_plot:
+        try:
+            plot(report, base + ".png")
+            written.append(base + ".png")
+            tmp = os.path.join(out, f"latest_{kind}.png.tmp{os.getpid()}")
+            shutil.copyfile(base + ".png", tmp)
+            os.replace(tmp, os.path.join(out, f"latest_{kind}.png"))
+        except Exception as e:  # a plot problem must not lose the numbers
+            print(f"(plot failed: {type(e).__name__}: {e})", file=sys.stderr)
+    return written
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -599,7 +676,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads(N) first (CPU; default: torch's own choice)")
     ap.add_argument("--no-save", action="store_true", help="print the table, write no files")
+    ap.add_argument("--no-plot", action="store_true", help="write the JSON and MD, no PNG")
+    ap.add_argument("--budget-s", type=float, default=None, metavar="SECONDS",
+                    help="cap the whole run: sets that would start past it are skipped (and "
+                         "listed), each set's sampling shrinks to fit, and the JSON/MD are "
+                         "rewritten after every set so that a kill keeps what was measured")
     args = ap.parse_args(argv)
+    if args.budget_s is not None and not args.budget_s >= 0:
+        ap.error("--budget-s must be >= 0")
+    budget = Budget(args.budget_s) if args.budget_s is not None else None
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -625,6 +710,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         settings.rounds = args.rounds
         settings.min_rounds = min(settings.min_rounds, args.rounds)
 
+    kind = "gpu" if gpu else "cpu"
+    tag = ("_full" if args.full else "") + (f"_t{args.threads}" if args.threads else "")
+
+    def base_name() -> str:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        return os.path.join(args.out, f"step_{kind}{tag}_{stamp}")
+
+    base = base_name()  # --budget-s: one name from the start, rewritten after each set
+
     progress = Progress()
     progress.update("checking backends", force=True)
     specs, unavailable = variant_specs(device)
@@ -643,67 +737,97 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
 
     results = []
     errors: Dict[str, str] = {}
-    for ps in psets:
+    skipped_sets: Dict[str, str] = {}
+    per_set_budget: Dict[str, float] = {}
+
+    def make_report(finished: bool) -> Dict[str, object]:
+        report = {
+            "schema": "sngm-ext/bench_step/1",
+            "machine": machine,
+            "mode": "full" if args.full else "quick",
+            "argv": sys.argv if argv is None else ["bench_step.py", *argv],
+            "hyper": HYPER,
+            "timing": {
+                "cpu": "perf_counter around step(), back to back, caches not flushed",
+                "cuda": "device events around step() on an idle stream after zeroing 2x L2; host "
+                        "launch time counts where the GPU waits for it",
+                "interleaving": "rounds x per_round samples per variant, order rotated each round",
+                "warmup_steps": settings.warmup,
+                "flush_bytes": timer.flush_bytes,
+            },
+            "bytes_model": BYTES_MODEL,
+            "copy": {k: v for k, v in copy.items()},
+            "unavailable": unavailable,
+            "errors": errors,
+            "sets": results,
+        }
+        if budget is not None:
+            report["budget"] = {
+                "budget_s": budget.seconds,
+                "finished": finished,
+                "elapsed_s": budget.elapsed(),
+                "sets_planned": [ps.name for ps in psets],
+                "sets_done": [r["name"] for r in results],
+                "skipped_sets": dict(skipped_sets),
+                "per_set_budget_s": dict(per_set_budget),
+                "min_set_s": MIN_SET_S,
+            }
+        return report
+
+    def save_partial() -> None:  # --budget-s: what was measured so far, after every set
+        if args.no_save or budget is None:
+            return
+        try:
+            save_report(make_report(False), args.out, base, kind, with_plot=False)
+        except OSError as e:
+            print(f"(could not write partial results: {e})", file=sys.stderr)
+
+    save_partial()
+    for i, ps in enumerate(psets):
+        set_settings, deadline = settings, None
+        if budget is not None:
+            left = budget.left() - min(FINAL_RESERVE_S, 0.1 * budget.seconds)
+            if left < MIN_SET_S:
+                skipped_sets[ps.name] = (f"not started: {max(budget.left(), 0):.1f} s of the "
+                                         f"{budget.seconds:g} s budget left")
+                progress.done(f"{ps.name}: skipped, {skipped_sets[ps.name]}")
+                continue
+            share = BUDGET_SHARE * left / (len(psets) - i)
+            set_settings = dataclasses.replace(
+                settings, budget_s=min(settings.budget_s, share),
+                warmup_budget_s=min(settings.warmup_budget_s, 0.2 * share))
+            per_set_budget[ps.name] = set_settings.budget_s
+            deadline = budget.deadline
         res = None
         try:
-            res = measure_set(ps, device, specs, timer, settings, progress, probe)
+            res = measure_set(ps, device, specs, timer, set_settings, progress, probe,
+                              deadline=deadline)
         except torch.cuda.OutOfMemoryError as e:  # type: ignore[attr-defined]
             errors[ps.name] = f"out of memory: {str(e).splitlines()[0]}"
             progress.done(f"{ps.name}: left out, {errors[ps.name]}")
         if res is None:  # the traceback is gone now: its tensors can be freed
             gc.collect()
             torch.cuda.empty_cache()
+            save_partial()
             continue
         results.append(res)
         progress.done()
         print(format_table(res, gpu), end="\n\n", flush=True)
+        save_partial()
 
     if hasattr(os, "getloadavg"):
         machine["load_average_end"] = list(os.getloadavg())
-    report = {
-        "schema": "sngm-ext/bench_step/1",
-        "machine": machine,
-        "mode": "full" if args.full else "quick",
-        "argv": sys.argv if argv is None else ["bench_step.py", *argv],
-        "hyper": HYPER,
-        "timing": {
-            "cpu": "perf_counter around step(), back to back, caches not flushed",
-            "cuda": "device events around step() on an idle stream after zeroing 2x L2; host "
-                    "launch time counts where the GPU waits for it",
-            "interleaving": "rounds x per_round samples per variant, order rotated each round",
-            "warmup_steps": settings.warmup,
-            "flush_bytes": timer.flush_bytes,
-        },
-        "bytes_model": BYTES_MODEL,
-        "copy": {k: v for k, v in copy.items()},
-        "unavailable": unavailable,
-        "errors": errors,
-        "sets": results,
-    }
+    report = make_report(True)
+    if budget is not None:
+        print(budget_line(report), flush=True)
     if not args.no_save:
-        os.makedirs(args.out, exist_ok=True)
-        kind = "gpu" if gpu else "cpu"
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        tag = ("_full" if args.full else "") + (f"_t{args.threads}" if args.threads else "")
-        base = os.path.join(args.out, f"step_{kind}{tag}_{stamp}")
-        with open(base + ".json", "w") as f:
-            json.dump(report, f, indent=1)
-        with open(base + ".md", "w") as f:
-            f.write(format_markdown(report, os.path.basename(base) + ".json"))
-        written = [base + ".json", base + ".md"]
-        try:
-            plot(report, base + ".png")
-            written.append(base + ".png")
-        except Exception as e:  # a plot problem must not lose the numbers
-            print(f"(plot failed: {type(e).__name__}: {e})", file=sys.stderr)
-        for src in written:
-            ext = os.path.splitext(src)[1]
-            dst = os.path.join(args.out, f"latest_{kind}{ext}")
-            if ext == ".md":
-                with open(dst, "w") as f:
-                    f.write(format_markdown(report, os.path.basename(base) + ".json"))
-            else:
-                shutil.copyfile(src, dst)
+        with_plot = not args.no_plot
+        if with_plot and budget is not None and budget.left() <= 0:
+            with_plot = False
+            print("(plot skipped: the time budget is spent)", file=sys.stderr)
+        if budget is None:  # named when written, as always
+            base = base_name()
+        written = save_report(report, args.out, base, kind, with_plot=with_plot)
         print("wrote " + ", ".join(os.path.relpath(p) for p in written)
               + f" (and latest_{kind}.*)")
     return report

@@ -13,6 +13,9 @@ One *sample* is one optimizer step:
 Rounds are interleaved: every round runs each variant for ``per_round`` samples, in an order
 rotated by one each round, so that drift of the machine (clock, neighbours on a shared CPU) hits
 every variant alike. Statistics are over all samples of all rounds.
+
+A :class:`Budget` caps a whole run (``bench_step.py --budget-s``): its ``deadline`` handed to
+:func:`run_interleaved` stops the rounds once it has passed (every case keeps at least one round).
 """
 
 from __future__ import annotations
@@ -24,6 +27,24 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+
+
+class Budget:
+    """Wall-clock seconds for a whole run, counted from construction (``time.perf_counter``)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = float(seconds)
+        self.t0 = time.perf_counter()
+        self.deadline = self.t0 + self.seconds
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def expired(self) -> bool:
+        return self.left() <= 0
 
 
 class Progress:
@@ -122,8 +143,12 @@ def run_interleaved(
     per_round: int,
     progress: Optional[Progress] = None,
     label: str = "",
+    deadline: Optional[float] = None,
 ) -> Dict[str, List[float]]:
-    """Samples (seconds) per case name, after ``warmup`` untimed steps of each case."""
+    """Samples (seconds) per case name, after ``warmup`` untimed steps of each case.
+
+    ``deadline`` (a ``time.perf_counter()`` value): no round starts after it, except the first.
+    """
     samples: Dict[str, List[float]] = {c.name: [] for c in cases}
     for c in cases:
         if progress:
@@ -135,6 +160,11 @@ def run_interleaved(
         timer.sync()
     k = len(cases)
     for r in range(rounds):
+        if r > 0 and deadline is not None and time.perf_counter() >= deadline:
+            if progress:
+                progress.update(f"{label} stopped after {r}/{rounds} rounds: time budget spent",
+                                force=True)
+            break
         order = [cases[(r + i) % k] for i in range(k)]
         for c in order:
             if progress:
