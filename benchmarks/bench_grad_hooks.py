@@ -66,6 +66,9 @@ def main(argv=None):
     ap.add_argument("--weight-decay", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--amp", action="store_true",
+                    help="fp16 autocast and a torch.amp.GradScaler per variant (scaler.step: "
+                         "fused SGD and SNGM take its fused path, the others unscale first)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
@@ -97,15 +100,27 @@ def main(argv=None):
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
+    scalers = {k: torch.amp.GradScaler(dev.type) for k in variants} if args.amp else {}
+
     def iteration(name):
         m, opt = variants[name]
+        sc = scalers.get(name)
         sync()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        m(x).square().mean().backward()
+        if sc is None:
+            m(x).square().mean().backward()
+        else:
+            with torch.autocast(dev.type, dtype=torch.float16):
+                out = m(x)
+            sc.scale(out.float().square().mean()).backward()
         sync()
         t1 = time.perf_counter()
-        opt.step()
+        if sc is None:
+            opt.step()
+        else:
+            sc.step(opt)
+            sc.update()
         sync()
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1
@@ -126,7 +141,8 @@ def main(argv=None):
     what = (f"ResNet-50's params (161 tensors), loss sum(p * r)" if args.model == "resnet50-params"
             else f"MLP {args.layers} x {args.width}^2, batch {args.batch}")
     head = (f"{what}: {n / 1e6:.1f}M params, weight decay {wd:g}, momentum 0.9, {dev}, "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.rounds} rounds")
+            + ("fp16 autocast + GradScaler, " if args.amp else "")
+            + f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.rounds} rounds")
     print(head)
     med = {k: (statistics.median(fb[k]) * 1e3, statistics.median(st[k]) * 1e3) for k in names}
     whole = {k: statistics.median([a + b for a, b in zip(fb[k], st[k])]) * 1e3 for k in names}
