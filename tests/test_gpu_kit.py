@@ -198,3 +198,15 @@ def test_bench_budget_a_killed_run_keeps_the_sets_it_measured(tmp_path):
         assert rep["budget"]["finished"] is False
         assert rep["budget"]["sets_planned"] == ["resnet20", "resnet50"]
         assert "in progress" in (tmp_path / "latest_cpu.md").read_text()
+
+
+def test_the_gpu_tests_are_not_switched_to_the_interpreter():
+    """Nothing in the test set-up turns TRITON_INTERPRET on by itself: with the variable unset the
+    GPU tests skip only for want of a GPU here, and would compile Triton for real on one."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                        os.path.join(ROOT, "tests", "test_gpu.py"), "-k", "auto_prefers"],
+                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=120)
+    assert "TRITON_INTERPRET=1" not in p.stdout, p.stdout
+    assert "no CUDA device" in p.stdout or "passed" in p.stdout, p.stdout

@@ -78,3 +78,14 @@ def test_scale_invariant_without_weight_decay(backend, scale):
         outs.append([p.detach().clone() for p in ps] + [opt.state[p]["momentum_buffer"] for p in ps])
     for x, y in zip(*outs):
         assert torch.equal(x, y)
+
+
+def test_weights_are_not_read_for_the_norm_without_weight_decay(backend):
+    """With weight_decay=0 the norm is the gradient's alone: an inf param (a diverged unit) does
+    not turn it into NaN (0 * inf) and skip every step."""
+    p = torch.nn.Parameter(torch.tensor([float("inf"), 1.0, 2.0]))
+    opt = SNGM([p], lr=0.1, momentum=0.0, backend=backend)
+    p.grad = torch.tensor([3.0, 0.0, 4.0])
+    opt.step()
+    assert opt.grad_norm.item() == 5.0 and opt.skipped_steps.item() == 0
+    assert p[1].item() == 1.0 and p[2].item() == pytest.approx(2.0 - 0.1 * 0.8)
