@@ -129,7 +129,7 @@ def worker(args):
             if isinstance(opt, SNGM) and not no_reduce:
                 out["all_reduce_in_step"] = timing["reduce"]
             return out
-        for _ in range(3):  # warm-up: buckets, JIT, gloo connections
+        for _ in range(3):  # warm-up: tables, JIT, gloo connections
             step()
 
         def step_only():  # the optimizer step again on the same grads: many short samples

@@ -44,7 +44,7 @@ def backend(request):
 
 @pytest.fixture(params=["triton", "cpu"])
 def fused_backend(request):
-    """Only the fused (bucketed) backends."""
+    """Only the fused (multi-tensor kernel) backends."""
     return _usable(request.param)
 
 

@@ -199,7 +199,7 @@ class _NoSync:
 def test_step_reads_nothing_back_to_the_host(backend):
     m = model()
     opt = SNGM(m.parameters(), lr=0.1, backend=backend)
-    train(m, opt, 1)  # the first step builds buckets and tables
+    train(m, opt, 1)  # the first step builds the tables and the momentum buffers
     x, y = batch(3)
     opt.zero_grad()
     torch.nn.functional.cross_entropy(m(x), y).backward()
