@@ -1,12 +1,16 @@
-"""Installs sngm_ext (and triton_kernels/ as sngm_ext.triton_kernels), building the optional native
-extension (csrc/) where it can.
+"""The optional native extension (csrc/) of sngm-ext, built ahead of time where it can be.
 
-Install with ``pip install --no-build-isolation -e .`` so the build uses the torch already installed
-(an isolated build environment would download a multi-GB CUDA torch).
+Metadata and the package layout (sngm_ext, triton_kernels/ as sngm_ext.triton_kernels, csrc/ as
+sngm_ext.csrc) are pyproject.toml's; this file only adds the native modules.
 
-The native extension never fails an install: without a C++ compiler, ninja, nvcc or a CUDA build of
-torch, the part that cannot be built is skipped with a warning, and sngm_ext builds it on first use
-(``sngm_ext/native.py``) or falls back to another backend. Switches (environment variables):
+``pip install --no-build-isolation .`` (or ``-e .``) builds them ahead of time against the torch
+already installed. A plain (isolated) ``pip install .`` has no torch in its build environment
+(pyproject.toml does not ask for one: that would download a multi-GB torch): it builds nothing
+here and installs the sources, and sngm_ext builds the kernels on first use (sngm_ext/native.py).
+
+The native extension never fails an install: without torch, a C++ compiler, ninja, nvcc or a CUDA
+build of torch, the part that cannot be built is skipped with a message, and sngm_ext builds it on
+first use or falls back to another backend. Switches (environment variables):
 
     SNGM_SKIP_NATIVE_BUILD=1   build nothing ahead of time (the first use builds what it needs)
     SNGM_SKIP_CPU_BUILD=1      no CPU module (the first use builds it)
@@ -51,7 +55,12 @@ def native_extensions():
         import torch
         from torch.utils import cpp_extension
     except Exception as e:  # noqa: BLE001 - any import failure means: no ahead-of-time build
-        _warn(f"torch is not importable here ({e}); the native extension builds on first use")
+        _warn(
+            f"torch is not importable in this build environment ({type(e).__name__}: {e}), as in "
+            "an isolated `pip install .`: the native extension is not built ahead of time; its "
+            "sources are installed and sngm_ext builds it on first use (needs a C++ compiler and "
+            "ninja). To build it now against your torch: pip install --no-build-isolation ."
+        )
         return [], {}
     nb = _build_description()
     csrc = os.path.join(HERE, "csrc")
@@ -132,20 +141,5 @@ def native_extensions():
 
 ext_modules, cmdclass = native_extensions()
 
-setup(
-    name="sngm-ext",
-    version="0.1.0",
-    description="SNGM (stochastic normalized gradient descent with momentum) for PyTorch, fused",
-    packages=["sngm_ext", "sngm_ext.triton_kernels", "sngm_ext.csrc"],
-    package_dir={
-        "sngm_ext": "sngm_ext",
-        "sngm_ext.triton_kernels": "triton_kernels",
-        "sngm_ext.csrc": "csrc",  # the sources ship with the package: a first-use build needs them
-    },
-    package_data={"sngm_ext.csrc": ["*.h", "*/*.h", "*/*.cpp", "*/*.cu"]},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.11", "numpy"],
-    extras_require={"triton": ["triton>=3.6"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+# Everything else (name, version, dependencies, packages, package data) is in pyproject.toml.
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
