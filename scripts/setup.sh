@@ -19,8 +19,8 @@ if { command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; } && [ ! -f 
 fi
 # Real data for the large-batch training runs (benchmarks/train_large_batch.py), from Debian's
 # packages: Fashion-MNIST (30 MB) and fortunes (2.5 MB of quotes, the text task; "computers" is one of
-# its files, the file "fortunes" is fortunes-min's). Needs root and apt; elsewhere see README
-# ("Large-batch training").
+# its files, the file "fortunes" is fortunes-min's). Needs root and apt; elsewhere see
+# docs/large_batch_study.md.
 missing=()
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || missing+=(dataset-fashion-mnist)
 [ -f /usr/share/games/fortunes/computers ] || missing+=(fortunes)
