@@ -31,6 +31,20 @@ def present(grp: TensorGroup):
     return [(i, p, g) for i, (p, g) in enumerate(zip(grp.params, grp.grads)) if g is not None]
 
 
+def momentum_buffer_for(p: Tensor, u: Optional[Tensor]) -> Tensor:
+    """p's momentum buffer: a new one (u_0 = 0), or ``u`` moved to p's dtype and device (after
+    ``model.double()`` or ``.to()``: what load_state_dict does with state too). A buffer of another
+    size than its param is refused: the kernels would write past one of them."""
+    import torch
+
+    if u is None:
+        return torch.zeros_like(p, memory_format=torch.preserve_format)
+    if u.shape != p.shape:
+        raise ValueError(f"SNGM: a momentum buffer of shape {tuple(u.shape)} for a param of "
+                         f"shape {tuple(p.shape)}")
+    return u.to(device=p.device, dtype=p.dtype)
+
+
 def compute_dtype(dtype):
     """fp64 params compute in fp64; everything else computes in fp32."""
     import torch

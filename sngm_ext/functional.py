@@ -17,7 +17,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._group import TensorGroup, check_hyperparameters, present
+from ._group import TensorGroup, check_hyperparameters, momentum_buffer_for, present
 from .backends import BACKENDS, BackendUnavailable, resolve_backend  # noqa: F401
 from .reference import _device_of, sngm_reference
 
@@ -69,10 +69,9 @@ def sngm_groups(
             if grp.momentum != 0:
                 for i, p, g in present(grp):
                     buf = grp.momentum_buffers[i]
-                    if buf is None:
-                        grp.momentum_buffers[i] = torch.zeros_like(p)
-                    elif buf.dtype != p.dtype or buf.device != p.device:
-                        grp.momentum_buffers[i] = buf.to(device=p.device, dtype=p.dtype)
+                    if (buf is None or buf.dtype != p.dtype or buf.device != p.device
+                            or buf.shape != p.shape):
+                        grp.momentum_buffers[i] = momentum_buffer_for(p, buf)
         return sngm_reference(groups, norm=norm, skipped_steps=skipped_steps,
                               reduce_sumsq=reduce_sumsq, grad_scale=grad_scale,
                               found_inf=found_inf)

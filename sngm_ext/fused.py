@@ -16,7 +16,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._group import TensorGroup
+from ._group import TensorGroup, momentum_buffer_for
 from .layout import ACC_DTYPE, PlanCache, StepPlan
 
 _CHANNELS_LAST = (torch.channels_last, torch.channels_last_3d)
@@ -46,17 +46,6 @@ def _check_grad(p: Tensor, g: Tensor) -> None:
         )
 
 
-def _buffer_for(p: Tensor, u: Optional[Tensor]) -> Tensor:
-    """p's momentum buffer: a new one, or ``u`` moved to p's dtype and device (after
-    ``model.double()`` or ``.to()``: what load_state_dict does with state too)."""
-    if u is None:
-        return torch.zeros_like(p, memory_format=torch.preserve_format)
-    if u.shape != p.shape:
-        raise ValueError(f"SNGM: a momentum buffer of shape {tuple(u.shape)} for a param of "
-                         f"shape {tuple(p.shape)}")
-    return u.to(device=p.device, dtype=p.dtype)
-
-
 class StepList:
     """The present tensors of one (param group, dtype), as the kernels receive them."""
 
@@ -73,7 +62,7 @@ class StepList:
 
 def _uniform_group(gi: int, grp: TensorGroup) -> Optional[StepList]:
     """The group as one kernel list when it is the common case: every param has a grad, one
-    dtype, one size each for param, grad and momentum, everything contiguous (and the params where
+    dtype, the same size for param, grad and momentum, everything contiguous (and the params where
     they were last step: the caller knows). Checked with C-level maps (a few tens of ns per tensor, where a Python loop over
     the same checks costs ~0.6 us): this is what a step costs per tensor. None otherwise."""
     params, grads = grp.params, grp.grads
@@ -92,7 +81,7 @@ def _uniform_group(gi: int, grp: TensorGroup) -> Optional[StepList]:
     if grp.momentum != 0:
         bufs = grp.momentum_buffers
         if (any(map(is_, bufs, repeat(None))) or not all(map(is_, map(_dtype, bufs), repeat(dt)))
-                or not all(map(_contiguous, bufs))):
+                or list(map(_numel, bufs)) != numels or not all(map(_contiguous, bufs))):
             return None
     lst = StepList(gi)
     lst.params, lst.grads, lst.bufs = list(params), list(grads), list(bufs)
@@ -145,8 +134,9 @@ def collect_lists(groups: Sequence[TensorGroup], last_device: Optional[torch.dev
             u = None
             if has_mom:
                 u = bufs[i]
-                if u is None or u.dtype is not dt or (moved and u.device != device):
-                    u = bufs[i] = _buffer_for(p, u)
+                if (u is None or u.dtype is not dt or u.numel() != n
+                        or (moved and u.device != device)):
+                    u = bufs[i] = momentum_buffer_for(p, u)
             if dt is not last_dtype:
                 lst = by_dtype.get(dt)
                 if lst is None:

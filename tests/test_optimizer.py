@@ -374,3 +374,19 @@ def test_a_refused_param_group_leaves_the_optimizer_as_it_was(backend, group, ma
         opt.add_param_group(group(m))
     assert len(opt.param_groups) == n_groups
     train(m, opt, 1, start=1)  # still steps
+
+
+def test_a_momentum_buffer_of_another_size_is_refused_and_changes_nothing(backend):
+    """A buffer that is not its param's size (a hand-edited or mismatched checkpoint): refused by
+    name before anything is written (a kernel would write past one of them)."""
+    m = model()
+    opt = SNGM(m.parameters(), lr=0.1, momentum=0.9, backend=backend)
+    train(m, opt, 1)
+    p = next(m.parameters())
+    opt.state[p]["momentum_buffer"] = torch.zeros(p.numel() + 3)
+    before = snapshot(m, opt)
+    x, y = batch(7)
+    torch.nn.functional.cross_entropy(m(x), y).backward()
+    with pytest.raises(ValueError, match="momentum buffer of shape"):
+        opt.step()
+    assert_same(before, snapshot(m, opt))
