@@ -48,6 +48,23 @@ def fused_backend(request):
     return _usable(request.param)
 
 
+@pytest.fixture(params=["triton", "cuda"])
+def gpu_backend(request):
+    """Both GPU backends, compiled for real: skipped without CUDA or under the interpreter; a
+    CUDA device without the native CUDA backend is a failure."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1: the GPU tests need compiled kernels")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    try:
+        sngm_ext.resolve_backend(request.param, torch.device("cuda"))
+    except sngm_ext.BackendUnavailable as e:
+        if request.param == "cuda":
+            pytest.fail(f"a CUDA device is present but the native CUDA backend is not: {e}")
+        pytest.skip(str(e))
+    return request.param
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "gpu_extra: the GPU kit's extra checks (needs a CUDA device)")

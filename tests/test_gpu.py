@@ -8,31 +8,15 @@ does, so only the norm's summation order differs.
 """
 
 import math
-import os
 
 import pytest
 import torch
 
 from scenarios import CONFIGS, DTYPES, assert_runs_match, grads_for, make_params, run
-from sngm_ext import SNGM, BackendUnavailable, resolve_backend
+from sngm_ext import SNGM, resolve_backend
 from test_native_cpu import check_non_finite_grad_skips_the_step
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(params=["triton", "cuda"])
-def gpu_backend(request):
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("TRITON_INTERPRET=1: the GPU tests need compiled kernels")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    try:
-        resolve_backend(request.param, torch.device("cuda"))
-    except BackendUnavailable as e:
-        if request.param == "cuda":
-            pytest.fail(f"a CUDA device is present but the native CUDA backend is not: {e}")
-        pytest.skip(str(e))
-    return request.param
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))

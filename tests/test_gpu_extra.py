@@ -8,7 +8,6 @@ Skipped without CUDA (no CUDA query at collection time); run with TRITON_INTERPR
 
 import math
 import os
-import time
 
 import pytest
 import torch
@@ -18,21 +17,6 @@ from sngm_ext import SNGM, BackendUnavailable, resolve_backend
 from sngm_ext.layout import make_plan
 
 pytestmark = pytest.mark.gpu_extra
-
-
-@pytest.fixture(params=["triton", "cuda"])
-def gpu_backend(request):
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("TRITON_INTERPRET=1: the GPU checks need compiled kernels")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    try:
-        resolve_backend(request.param, torch.device("cuda"))
-    except BackendUnavailable as e:
-        if request.param == "cuda":
-            pytest.fail(f"a CUDA device is present but the native CUDA backend is not: {e}")
-        pytest.skip(str(e))
-    return request.param
 
 
 def test_opcheck_on_cuda(gpu_backend):
