@@ -203,7 +203,7 @@ class DistPlan:
             if t.dtype == acc and t.device == device:
                 for g in groups:
                     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=g)
-            else:  # fp32 sums on a rank whose fp64 params have no grad this step, say
+            else:  # sums made elsewhere (a rank without params makes them on the CPU, say)
                 u = t.to(device=device, dtype=acc)
                 all_reduce(u)
                 t.copy_(u)
