@@ -17,7 +17,7 @@ TREE=${SNGM_TORCH_CUDA_TREE:-$HOME/.cache/sngm_ext/torch-2.14.1-cuda}
 if { command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; } && [ ! -f "$TREE/torch/include/ATen/ATen.h" ]; then
   $PY -m pip install -q --no-deps --target "$TREE" torch==2.14.1
 fi
-# Real data for the large-batch training runs (benchmarks/train_large_batch.py), from Debian's
+# Real data for the large-batch training runs (large_batch_study/train_large_batch.py), from Debian's
 # packages: Fashion-MNIST (30 MB) and fortunes (2.5 MB of quotes, the text task; "computers" is one of
 # its files, the file "fortunes" is fortunes-min's). Needs root and apt; elsewhere see
 # docs/large_batch_study.md.

@@ -1,4 +1,4 @@
-"""Smoke tests of benchmarks/train_large_batch.py (seconds, synthetic IDX data, no download), LARS
+"""Smoke tests of large_batch_study/train_large_batch.py (seconds, synthetic IDX data, no download), LARS
 as the paper writes it, and the paper's Section 4.2 counterexample F(x) = 0.5 (x + 1)^2."""
 
 import gzip
@@ -15,9 +15,9 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH = os.path.join(ROOT, "benchmarks")
-if BENCH not in sys.path:
-    sys.path.insert(0, BENCH)
+STUDY = os.path.join(ROOT, "large_batch_study")
+if STUDY not in sys.path:
+    sys.path.insert(0, STUDY)
 
 from train.data import batches, load_fashion_mnist, read_idx  # noqa: E402
 from train.lars import LARS  # noqa: E402
@@ -28,7 +28,7 @@ from sngm_ext import SNGM  # noqa: E402
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location("train_large_batch", os.path.join(BENCH, "train_large_batch.py"))
+    spec = importlib.util.spec_from_file_location("train_large_batch", os.path.join(STUDY, "train_large_batch.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -117,7 +117,7 @@ def test_cli_quick_tiny_writes_json_table_and_plot(fake_fmnist, tmp_path, capsys
     os.remove(out + ".md")
     assert _cli().main(["--report-only", "--out", out, "--no-plots"]) == 0
     md = open(out + ".md").read()
-    assert "| MSGD |" in md and "| SNGM |" in md and "Command: `python benchmarks/train_large_batch.py --quick" in md
+    assert "| MSGD |" in md and "| SNGM |" in md and "Command: `python large_batch_study/train_large_batch.py --quick" in md
 
 
 def test_grid_selection_uses_validation(fake_fmnist, tmp_path):

@@ -1,4 +1,4 @@
-"""Smoke tests of the text task of benchmarks/train_large_batch.py (seconds; a synthetic corpus in the
+"""Smoke tests of the text task of large_batch_study/train_large_batch.py (seconds; a synthetic corpus in the
 fortune format in a tmp folder, not the installed ``fortunes`` package): parsing and cleaning, the
 split by fortune, the BPTT windows, lr selection on validation loss, and the CLI end to end."""
 
@@ -13,9 +13,9 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH = os.path.join(ROOT, "benchmarks")
-if BENCH not in sys.path:
-    sys.path.insert(0, BENCH)
+STUDY = os.path.join(ROOT, "large_batch_study")
+if STUDY not in sys.path:
+    sys.path.insert(0, STUDY)
 
 from train.report import select_lr  # noqa: E402
 from train.tasks import ImageTask, TextTask  # noqa: E402
@@ -24,7 +24,7 @@ from train.text import (EOF_ID, UNK_ID, TextSplit, batchify, bptt_windows, clean
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location("train_large_batch", os.path.join(BENCH, "train_large_batch.py"))
+    spec = importlib.util.spec_from_file_location("train_large_batch", os.path.join(STUDY, "train_large_batch.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

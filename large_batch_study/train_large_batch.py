@@ -10,10 +10,10 @@ held-out test split. Two tasks:
   paper's is word-level on Wikitext-2); test perplexity and bits per character. MSGD's gradients
   are clipped, as in the paper.
 
-    python benchmarks/train_large_batch.py                          # results/train_full.*
-    python benchmarks/train_large_batch.py --quick                  # < 10 min on 2 CPU cores, lrs fixed
-    python benchmarks/train_large_batch.py --task fortunes          # results/train_text_full.*
-    python benchmarks/train_large_batch.py --task fortunes --quick  # < 4 min on 2 CPU cores, lrs fixed
+    python large_batch_study/train_large_batch.py                          # results/train_full.*
+    python large_batch_study/train_large_batch.py --quick                  # < 10 min on 2 CPU cores, lrs fixed
+    python large_batch_study/train_large_batch.py --task fortunes          # results/train_text_full.*
+    python large_batch_study/train_large_batch.py --task fortunes --quick  # < 4 min on 2 CPU cores, lrs fixed
 
 Data: apt-get install -y dataset-fashion-mnist fortunes (IDX files in
 /usr/share/datasets/fashion-mnist; text files in /usr/share/games/fortunes).
@@ -73,7 +73,7 @@ GRIDS = {
     },
 }
 
-# The full runs' choices (benchmarks/results/train_full.json, train_text_full.json), used by --quick.
+# The full runs' choices (large_batch_study/results/train_full.json, train_text_full.json), used by --quick.
 FIXED_LRS = {
     ("cnn", "msgd", 128): 0.03, ("cnn", "lars", 128): 0.01, ("cnn", "sngm", 128): 0.1,
     ("cnn", "sngm_tensor", 128): 0.03, ("cnn", "sngd", 128): 1.0, ("cnn", "adam", 128): 0.01,
@@ -226,7 +226,7 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="auto", help="SNGM backend (auto picks the fastest available)")
     p.add_argument("--data-dir", help="Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist) "
                                       "or fortunes folder (default /usr/share/games/fortunes)")
-    p.add_argument("--out", help="output prefix (default benchmarks/results/train_full, train_quick, "
+    p.add_argument("--out", help="output prefix (default large_batch_study/results/train_full, train_quick, "
                                  "train_text_full or train_text_quick)")
     p.add_argument("--resume", action="store_true", help="keep finished runs found in <out>.json")
     p.add_argument("--no-plots", action="store_true")
@@ -297,7 +297,7 @@ def main(argv=None) -> int:
         "extend_edge": 0 if args.quick else args.extend_edge,
         "lrs": {f"{m}/{o}/{bs}": {"lrs": v[0], "source": v[1]} for (m, o, bs), v in plan.items()},
         "adam": "torch.optim.Adam, betas (0.9, 0.999), L2 weight decay",
-        "lars": "benchmarks/train/lars.py: per tensor, w -= lr * ||w|| * m / ||m||, m = 0.9 m + g + wd w",
+        "lars": "large_batch_study/train/lars.py: per tensor, w -= lr * ||w|| * m / ||m||, m = 0.9 m + g + wd w",
         # resnet20 -> resnetN, lstm200 -> lstmN
         "models_desc": {m: MODELS.get(m) or MODELS.get(m.rstrip("0123456789") + "N", m) for m in models},
     }
@@ -306,7 +306,7 @@ def main(argv=None) -> int:
            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
            "flush_denormal": device.type == "cpu" and args.task == "fortunes",
            "sngm_backend": sngm_backend_name(device, args.backend)}
-    result = {"schema": SCHEMA, "command": "python benchmarks/train_large_batch.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv)),
+    result = {"schema": SCHEMA, "command": "python large_batch_study/train_large_batch.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv)),
               "settings": settings, "environment": env, "data": data.info, "runs": [], "selection": [], "table": []}
     done = {}
     if args.resume and os.path.exists(out + ".json"):

@@ -1,6 +1,6 @@
 """The two tasks of the miniature: what differs between them (data, one training epoch, evaluation,
 the validation metric that picks the lr, the test metric of the table, the per-epoch curve of the
-figure). benchmarks/train/runner.py runs the protocol they share; report.py formats through them.
+figure). large_batch_study/train/runner.py runs the protocol they share; report.py formats through them.
 
 - ``fmnist``: Fashion-MNIST image classification, like the paper's Section 7.1 (Table 2, Figure 2).
 - ``fortunes``: character-level language modelling of Debian's fortunes, like the paper's Section 7.2

@@ -54,7 +54,7 @@ def train_run(task, data, model_name: str, opt_name: str, batch_size: int, lr: f
               device: torch.device = torch.device("cpu"), backend: str = "auto",
               progress: Optional[Callable[[str], None]] = None) -> dict:
     """Train from the seed's initialization; returns curves and final metrics (JSON-ready).
-    ``task`` (benchmarks/train/tasks.py) supplies the model, the epoch's batches and the evaluation."""
+    ``task`` (large_batch_study/train/tasks.py) supplies the model, the epoch's batches and the evaluation."""
     torch.manual_seed(seed)  # same initial weights for every optimizer and batch size
     model = task.build_model(model_name, data.info).to(device)
     clip = task.msgd_clip if opt_name == "msgd" else None

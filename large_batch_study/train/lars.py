@@ -1,6 +1,6 @@
 """LARS as the SNGM paper writes it (Section 4.2, after You et al. 2020, the paper's ref. [24]).
 
-Kept in benchmarks/, not in the package: it is a baseline. Per block s (here: per parameter tensor)
+Kept in large_batch_study/, not in the package: it is a baseline. Per block s (here: per parameter tensor)
 
     d^(s) = g^(s) + weight_decay * w^(s)
     m^(s) = momentum * m^(s) + d^(s)                  (ref. [24] normalizes the momentum)

@@ -1,5 +1,5 @@
 """LR selection, the results table (a miniature of the paper's Table 2 or 6) and Figure-2/3-style
-plots, for either task of benchmarks/train/tasks.py."""
+plots, for either task of large_batch_study/train/tasks.py."""
 
 from __future__ import annotations
 
