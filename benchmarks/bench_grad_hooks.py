@@ -35,7 +35,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from bench_native_cpu import resnet50_shapes  # noqa: E402
+from param_sets import resnet50  # noqa: E402
 from foreach_sngm import ForeachSNGM  # noqa: E402
 
 from sngm_ext import SNGM  # noqa: E402
@@ -78,7 +78,7 @@ def main(argv=None):
     def make():
         torch.manual_seed(0)
         if args.model == "resnet50-params":
-            return ParamsOnly(resnet50_shapes()).to(dev)
+            return ParamsOnly(resnet50().shapes).to(dev)
         layers = []
         for _ in range(args.layers):
             layers += [torch.nn.Linear(args.width, args.width), torch.nn.ReLU()]

@@ -28,6 +28,17 @@ beyond the params and the grads the params point at (momentum, chunk tables, par
 Results: a table on stdout (progress on stderr), and under --out (benchmarks/results/ by default)
 step_<cpu|gpu>[_full][_t<threads>]_<date>.json / .png / .md plus latest_<cpu|gpu>.json / .png / .md.
 
+Targets (TARGETS below), each reported met or not with its number, in the table's output, the MD
+and the JSON ("targets"): on CPU each fused backend within 1.25x of the fastest torch SGD and 3x
+faster than sngm-foreach on the model sets; on a GPU within 1.15x of fused SGD and at >= 85% of the
+copy bandwidth on the model sets larger than the L2 cache, and at most 0.5x fused SGD's time on the
+10,000-tensor set (fused SGD launches per ~100 tensors).
+
+--fresh-grads adds sngm-<backend>-fresh: the same step with new grad tensors before every sample
+(untimed), as autograd leaves them after zero_grad(set_to_none=True); the kernels read grads where
+they lie, so this should cost nothing more. --phases times each fused backend's three ops alone
+(sum of squares, finalize, update) on every set, with _foreach_copy_ of the grads as a yardstick.
+
 --budget-s SECONDS caps the whole run (for a machine lent for minutes): a set that would start with
 less than MIN_SET_S of it left is skipped and listed as such, each set's sampling budget shrinks to
 its share of what is left, and the JSON / MD are rewritten after every set (atomically, with
@@ -81,6 +92,12 @@ BYTES_MODEL = {
     "copy": "dst.copy_(src): 2 x size bytes",
 }
 
+# What each fused backend should reach (the CPU claims of the native step; the GPU run's issue).
+TARGETS = {
+    "cpu": {"vs_best_sgd_max": 1.25, "speedup_over_foreach_min": 3.0},
+    "cuda": {"vs_sgd_fused_max": 1.15, "of_copy_min": 0.85, "count10000_vs_sgd_fused_max": 0.5},
+}
+
 
 # --------------------------------------------------------------------------------------------
 # variants
@@ -92,6 +109,7 @@ class VariantSpec:
     family: str  # "sgd" or "sngm"
     impl: str
     backend: Optional[str] = None  # sngm_ext backend
+    fresh_grads: bool = False  # new grad tensors before every sample (untimed)
 
     def bytes_per_elem(self, weight_decay: float = WEIGHT_DECAY) -> int:
         return 5 if self.family == "sgd" else 6 + (weight_decay != 0)
@@ -128,7 +146,7 @@ def sngm_backends(device: torch.device) -> Dict[str, Optional[str]]:
     return out
 
 
-def variant_specs(device: torch.device) -> tuple:
+def variant_specs(device: torch.device, fresh_grads: bool = False) -> tuple:
     """(specs that run here, {name: why not} for those left out)."""
     specs = [
         VariantSpec("sgd-forloop", "sgd", "torch.optim.SGD(foreach=False)"),
@@ -149,6 +167,9 @@ def variant_specs(device: torch.device) -> tuple:
             continue
         impl = f"sngm_ext.SNGM(backend='{name}')"
         specs.append(VariantSpec(f"sngm-{name}", "sngm", impl, backend=name))
+        if fresh_grads:
+            specs.append(VariantSpec(f"sngm-{name}-fresh", "sngm", impl + ", new grads every step",
+                                     backend=name, fresh_grads=True))
     return specs, missing
 
 
@@ -158,6 +179,7 @@ class Built:
     opt: torch.optim.Optimizer
     params: List[torch.Tensor]
     step: Callable[[], object]
+    before: Optional[Callable[[], object]] = None  # untimed, before every sample
 
 
 class Workload:
@@ -200,7 +222,18 @@ class Workload:
         from sngm_ext import SNGM
 
         opt = SNGM(self.shared, backend=spec.backend, **HYPER)
-        return Built(spec, opt, self.shared, opt.step)
+        return Built(spec, opt, self.shared, opt.step,
+                     self._new_grads if spec.fresh_grads else None)
+
+    def _new_grads(self) -> None:
+        """Point every param at new grad tensors (two sets taken in turn, made once: what backward
+        leaves after zero_grad(set_to_none=True), without timing the allocation)."""
+        if not hasattr(self, "_fresh"):
+            self._fresh = [[torch.empty_like(g).copy_(g) for g in self.grads] for _ in range(2)]
+            self._turn = 0
+        self._turn ^= 1
+        for p, g in zip(self.shared, self._fresh[self._turn]):
+            p.grad = g
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,6 +379,8 @@ def measure_set(pset: ParamSet, device: torch.device, specs: Sequence[VariantSpe
             progress.update(f"{label} warm-up {spec.name}")
             times = []  # the first step builds state (momentum, tables): never an estimate
             while len(times) < settings.warmup:
+                if b.before is not None:
+                    b.before()
                 times.append(timer(b.step))
                 if len(times) >= 2 and sum(times) > settings.warmup_budget_s:
                     break
@@ -360,7 +395,7 @@ def measure_set(pset: ParamSet, device: torch.device, specs: Sequence[VariantSpe
             gc.collect()
             torch.cuda.empty_cache()
 
-    cases = [Case(b.spec.name, b.step) for b in built]
+    cases = [Case(b.spec.name, b.step, b.before) for b in built]
     if probe is not None:  # the copy, timed in the same rounds: the yardstick for "of copy"
         cases.append(probe.case())
         est["copy"] = max(min(timer(probe.step) for _ in range(2)), 1e-7)
@@ -442,6 +477,110 @@ def measure_set(pset: ParamSet, device: torch.device, specs: Sequence[VariantSpe
     return res
 
 
+def measure_phases(pset: ParamSet, device: torch.device, specs: Sequence[VariantSpec],
+                   timer: Timer, rounds: int, progress: Progress,
+                   deadline: Optional[float] = None) -> Dict[str, Dict[str, object]]:
+    """--phases: each fused backend's three ops alone over this set's tensors (one list, the
+    benchmark's hyper-parameters), and ``_foreach_copy_`` of the grads as the yardstick, timed in
+    interleaved rounds. {"<backend>:<op>" or "copy_grads": stats with "gbps" (the op's bytes)}."""
+    from sngm_ext.backends import resolve_backend
+    from sngm_ext.layout import ACC_DTYPE, make_plan
+
+    wl = Workload(pset, device)
+    ps = [p.detach() for p in wl.shared]
+    gs = wl.grads
+    mom = [torch.zeros_like(p) for p in ps]
+    dst = [torch.empty_like(g) for g in gs]
+    plan = make_plan([[p.numel() for p in ps]], False, device)
+    sumsq = torch.empty(plan.n_sumsq, dtype=ACC_DTYPE, device=device)
+    s = pset.elem_size * pset.numel
+    cases = [Case("copy_grads", lambda: torch._foreach_copy_(dst, gs))]
+    nbytes = {"copy_grads": 2 * s}
+    for spec in specs:
+        if spec.backend in (None, "reference") or spec.fresh_grads:
+            continue
+        _, ops = resolve_backend(spec.backend, device)
+        be = spec.backend
+        cases += [
+            Case(f"{be}:sumsq", lambda ops=ops: ops.sumsq(ps, gs, plan.chunks[0], None, WEIGHT_DECAY,
+                                                          False, plan.partials, 0)),
+            Case(f"{be}:finalize", lambda ops=ops: ops.finalize(plan.partials, plan.seg_ptr, None, sumsq)),
+            Case(f"{be}:update", lambda ops=ops: ops.update(ps, gs, mom, plan.chunks[0], sumsq, None,
+                                                            None, LR, MOMENTUM, WEIGHT_DECAY, False, False)),
+        ]
+        nbytes.update({f"{be}:sumsq": (1 + (WEIGHT_DECAY != 0)) * s, f"{be}:finalize": 0,
+                       f"{be}:update": 5 * s})
+    # warm-up in this order: the update needs a finalized sum of squares
+    samples = run_interleaved(timer, cases, warmup=2, rounds=rounds, per_round=3,
+                              progress=progress, label=f"{pset.name} phases:", deadline=deadline)
+    out: Dict[str, Dict[str, object]] = {}
+    for name, xs in samples.items():
+        st: Dict[str, object] = dict(summarize(xs))
+        st["bytes"] = nbytes[name]
+        st["gbps"] = nbytes[name] / st["median_s"] / 1e9 if nbytes[name] else None
+        out[name] = st
+    del wl, ps, gs, mom, dst
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def phases_line(phases: Dict[str, Dict[str, object]]) -> str:
+    parts = []
+    for name, st in phases.items():
+        gb = f" ({st['gbps']:.1f} GB/s)" if st.get("gbps") else ""
+        parts.append(f"{name} {_ms(st['median_s'])}{gb}")
+    return "phases alone, median ms: " + "; ".join(parts)
+
+
+def check_targets(report: Dict[str, object]) -> List[Dict[str, object]]:
+    """Each TARGETS entry that applies to a measured set and fused backend: value, target, met."""
+    m = report["machine"]
+    gpu = m["device"] == "cuda"
+    t = TARGETS["cuda" if gpu else "cpu"]
+    l2 = m.get("gpu_l2_bytes")
+    out: List[Dict[str, object]] = []
+    for res in report["sets"]:
+        rows = {r["variant"]: r for r in res["variants"]}
+        sgd_fused = rows.get("sgd-fused")
+        for r in res["variants"]:
+            if r["backend"] in (None, "reference") or r["variant"].endswith("-fresh"):
+                continue
+
+            def add(what, value, target, at_most):
+                out.append({"set": res["name"], "variant": r["variant"], "what": what,
+                            "value": value, "target": target, "at_most": at_most,
+                            "met": value <= target if at_most else value >= target})
+
+            if res["kind"] == "model" and not gpu:
+                add("step / fastest torch SGD", r["ratio_vs_best_sgd"], t["vs_best_sgd_max"], True)
+                if "sngm-foreach" in rows:
+                    add("sngm-foreach / step", rows["sngm-foreach"]["median_s"] / r["median_s"],
+                        t["speedup_over_foreach_min"], False)
+            if res["kind"] == "model" and gpu and l2 and r["bytes_per_step"] > l2:
+                if sgd_fused:
+                    add("step / fused SGD", r["median_s"] / sgd_fused["median_s"],
+                        t["vs_sgd_fused_max"], True)
+                if r["frac_copy"] is not None:
+                    add("share of copy bandwidth", r["frac_copy"], t["of_copy_min"], False)
+            if res["name"] == "count10000" and gpu and sgd_fused:
+                add("step / fused SGD", r["median_s"] / sgd_fused["median_s"],
+                    t["count10000_vs_sgd_fused_max"], True)
+    return out
+
+
+def target_lines(targets: Sequence[Dict[str, object]]) -> List[str]:
+    lines = []
+    for x in targets:
+        pct = x["what"].startswith("share")
+        fmt = (lambda v: f"{100 * v:.0f}%") if pct else (lambda v: f"{v:.2f}x")
+        lines.append(f"{x['set']} {x['variant']}: {x['what']} {fmt(x['value'])} "
+                     f"(target {'<=' if x['at_most'] else '>='} {fmt(x['target'])}): "
+                     f"{'met' if x['met'] else 'MISSED'}")
+    return lines
+
+
 # --------------------------------------------------------------------------------------------
 # output
 
@@ -497,6 +636,8 @@ def format_table(res, cuda: bool) -> str:
     lines += [fmt(r) for r in rows]
     for name, why in res["skipped"].items():
         lines.append(f"  ({name}: {why})")
+    if res.get("phases"):
+        lines.append(phases_line(res["phases"]))
     return "\n".join(lines)
 
 
@@ -529,6 +670,13 @@ def format_markdown(report: Dict[str, object], json_name: str) -> str:
             out.append("| " + " | ".join(r) + " |")
         for name, why in res["skipped"].items():
             out.append(f"\n({name} left out: {why})")
+        if res.get("phases"):
+            out.append("\n" + phases_line(res["phases"]))
+        out.append("")
+    if report.get("targets"):
+        out.append("**Targets**")
+        out.append("")
+        out += [f"- {line}" for line in target_lines(report["targets"])]
         out.append("")
     if report.get("unavailable"):
         out.append("Not measured here: " + "; ".join(
@@ -677,6 +825,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                     help="torch.set_num_threads(N) first (CPU; default: torch's own choice)")
     ap.add_argument("--no-save", action="store_true", help="print the table, write no files")
     ap.add_argument("--no-plot", action="store_true", help="write the JSON and MD, no PNG")
+    ap.add_argument("--fresh-grads", action="store_true",
+                    help="also sngm-<backend>-fresh: new grad tensors before every step (untimed)")
+    ap.add_argument("--phases", action="store_true",
+                    help="also time each fused backend's three ops alone on every set")
     ap.add_argument("--budget-s", type=float, default=None, metavar="SECONDS",
                     help="cap the whole run: sets that would start past it are skipped (and "
                          "listed), each set's sampling shrinks to fit, and the JSON/MD are "
@@ -721,7 +873,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
 
     progress = Progress()
     progress.update("checking backends", force=True)
-    specs, unavailable = variant_specs(device)
+    specs, unavailable = variant_specs(device, fresh_grads=args.fresh_grads)
     machine = machine_info(device)
     timer = Timer(device)
     probe = CopyProbe(device, (1 << 29) if gpu else (1 << 28))
@@ -760,7 +912,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
             "unavailable": unavailable,
             "errors": errors,
             "sets": results,
+            "targets_spec": TARGETS["cuda" if gpu else "cpu"],
         }
+        report["targets"] = check_targets(report)
         if budget is not None:
             report["budget"] = {
                 "budget_s": budget.seconds,
@@ -810,6 +964,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
             torch.cuda.empty_cache()
             save_partial()
             continue
+        if args.phases:
+            res["phases"] = measure_phases(ps, device, specs, timer, max(settings.min_rounds, 3),
+                                           progress, deadline=deadline)
         results.append(res)
         progress.done()
         print(format_table(res, gpu), end="\n\n", flush=True)
@@ -818,6 +975,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     if hasattr(os, "getloadavg"):
         machine["load_average_end"] = list(os.getloadavg())
     report = make_report(True)
+    if report["targets"]:
+        print("Targets:\n" + "\n".join("  " + line for line in target_lines(report["targets"])),
+              flush=True)
     if budget is not None:
         print(budget_line(report), flush=True)
     if not args.no_save:

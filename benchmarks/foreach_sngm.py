@@ -55,11 +55,11 @@ class ForeachSNGM(Optimizer):
             all_d += d if d is not None else grads
         if not all_d:
             return loss
-        try:  # per-tensor norms accumulated and returned in fp32, also for bf16/fp16 params
-            norms = torch._foreach_norm(all_d, 2, dtype=torch.float32)
-        except (TypeError, RuntimeError):
-            norms = torch._foreach_norm(all_d)
-        n = torch.linalg.vector_norm(torch.stack(norms).float())
+        # per-tensor norms accumulated and returned in fp32 (fp64 where a param is fp64), also for
+        # bf16/fp16 params
+        acc = torch.float64 if any(d.dtype == torch.float64 for d in all_d) else torch.float32
+        norms = torch._foreach_norm(all_d, 2, dtype=acc)
+        n = torch.linalg.vector_norm(torch.stack(norms))
         inv = torch.where(n > 0, 1.0 / n, torch.zeros_like(n))
         for group, params, grads, d in work:
             if d is None:

@@ -14,7 +14,7 @@
 #                                                                        build.log
 #   gpu_tests  tests/test_gpu.py -m "gpu and not gpu_extra", TRITON_INTERPRET unset (Triton
 #              compiled for real; the stage fails if no test ran)      gpu_tests.log, .junit.xml
-#   bench      benchmarks/bench_step.py --device cuda --budget-s ...   bench.log, bench/
+#   bench      benchmarks/bench_step.py --device cuda --phases --budget-s ...   bench.log, bench/
 #   extra      the gpu_extra checks (tests/test_gpu_extra*.py, tests/test_gpu.py); none
 #              collected counts as ok                                  extra.log, extra.junit.xml
 #   full       bench_step.py --full with the time left (at least GPU_CHECK_FULL_MIN_S)
@@ -149,6 +149,8 @@ elif stage in ("bench", "full"):
            "copy": {"gbps": 1.0}, "errors": {}, "unavailable": {},
            "sets": [{"name": n, "numel": 269722, "n_tensors": 59, "best_sgd": "sgd-fused",
                      "variants": rows} for n in done],
+           "targets": [{"set": "resnet20", "variant": "sngm-cuda", "what": "step / fused SGD",
+                        "value": 1.4, "target": 1.15, "at_most": True, "met": False}],
            "budget": {"budget_s": b, "finished": not partial, "elapsed_s": 0.1,
                       "sets_planned": ["resnet20", "resnet50", "gpt2"], "sets_done": done,
                       "skipped_sets": {} if partial else {"gpt2": "not started: dry-run"}}}
@@ -246,6 +248,10 @@ for s in sets:
             parts.append(f"{r['variant']} {r['median_s'] * 1e3:.3f} ms"
                          + (f" ({ratio:.2f}x)" if ratio is not None else ""))
     print(f"kit-note: {s['name']}: " + ", ".join(dict.fromkeys(parts)))
+for t in rep.get("targets", []):
+    fmt = (lambda v: f"{100 * v:.0f}%") if t["what"].startswith("share") else (lambda v: f"{v:.2f}x")
+    print(f"kit-note: target {t['set']} {t['variant']}: {t['what']} {fmt(t['value'])} "
+          f"({'<=' if t['at_most'] else '>='} {fmt(t['target'])}): {'met' if t['met'] else 'MISSED'}")
 for k, v in (b.get("skipped_sets") or {}).items():
     print(f"kit-note: {k}: skipped, {v}")
 for k, v in (rep.get("errors") or {}).items():
@@ -411,7 +417,7 @@ stage_bench_dir() {  # stage_bench_dir DIR [--full]
   return "$rc"
 }
 
-stage_bench() { stage_bench_dir "$GC_OUT/bench"; }
+stage_bench() { stage_bench_dir "$GC_OUT/bench" --phases; }  # the ops alone too: cheap on a GPU
 stage_full() { stage_bench_dir "$GC_OUT/bench_full" --full; }
 
 # ---------------------------------------------------------------------------------------- driver

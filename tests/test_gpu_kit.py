@@ -69,6 +69,8 @@ def test_dry_run_runs_every_stage(tmp_path):
     assert {s: r["status"] for s, r in st.items()} == {s: "ok" for s in STAGES}
     _check_logs_and_summary(out, p, st)
     assert json.loads((out / "env.json").read_text())["dry_run"] is True
+    # the benchmark's targets reach the summary, met or not
+    assert "target resnet20 sngm-cuda: step / fused SGD 1.40x (<= 1.15x): MISSED" in p.stdout
     for name in ("gpu_tests.junit.xml", "extra.junit.xml"):
         assert (out / name).is_file()
     for d in ("bench", "bench_full"):
@@ -76,7 +78,7 @@ def test_dry_run_runs_every_stage(tmp_path):
         assert rep["sets"][0]["name"] == "resnet20"
     # bench_step.py gets a --budget-s below its stage's limit (cap 120 s less the 15 s margin)
     bench_log = (out / "bench.log").read_text()
-    assert "benchmarks/bench_step.py --device cuda --budget-s 105.000 --out" in bench_log
+    assert "benchmarks/bench_step.py --device cuda --phases --budget-s 105.000 --out" in bench_log
     assert "TRITON_INTERPRET" in (out / "gpu_tests.log").read_text()
     assert st["bench"]["note"].startswith("2 of 3 sets measured (finished)")
     assert wall < 30
