@@ -965,8 +965,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
             save_partial()
             continue
         if args.phases:
-            res["phases"] = measure_phases(ps, device, specs, timer, max(settings.min_rounds, 3),
-                                           progress, deadline=deadline)
+            try:
+                res["phases"] = measure_phases(ps, device, specs, timer,
+                                               max(settings.min_rounds, 3), progress,
+                                               deadline=deadline)
+            except Exception as e:  # the step's numbers of this set stand without them
+                res["phases_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                progress.done(f"{ps.name}: phases not measured: {res['phases_error']}")
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         results.append(res)
         progress.done()
         print(format_table(res, gpu), end="\n\n", flush=True)
