@@ -101,9 +101,9 @@ def test_bench_step_end_to_end(tmp_path):
     assert "Targets:" in p.stdout
 
 
-def test_bench_grad_hooks_end_to_end(tmp_path):
+def test_bench_iteration_end_to_end(tmp_path):
     out = tmp_path / "hooks.json"
-    _run([os.path.join(BENCH, "bench_grad_hooks.py"), "--width", "64", "--layers", "2",
+    _run([os.path.join(BENCH, "bench_iteration.py"), "--width", "64", "--layers", "2",
           "--batch", "4", "--rounds", "2", "--threads", "1", "--json", str(out)])
     rows = json.loads(out.read_text())["variants"]
     assert set(rows) == {"sgd fused", "sgd foreach", "sngm foreach", "sngm", "sngm norm in backward"}

@@ -18,7 +18,7 @@ Models:
                      sum(p * r) for a fixed random r: backward is one elementwise product per
                      tensor, so the iteration is almost all optimizer (and hooks)
 
-Usage: python benchmarks/bench_grad_hooks.py [--model mlp|resnet50-params] [--device cpu|cuda]
+Usage: python benchmarks/bench_iteration.py [--model mlp|resnet50-params] [--device cpu|cuda]
        [--weight-decay 1e-4] [--threads 2] [--json FILE]
 """
 
