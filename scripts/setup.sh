@@ -7,7 +7,14 @@ PY=${PYTHON:-python3}
 $PY -m pip install -q -r requirements-dev.txt
 # Checkpoint tools the tests save with (tests/test_user_tensors.py), without their dependencies:
 # nothing they pull in may move torch, and the save paths need none of it.
-$PY -m pip install -q --no-deps safetensors accelerate huggingface_hub psutil
+$PY -m pip install -q --no-deps safetensors accelerate psutil
+# The trainers users drive SNGM from (tests/test_lightning.py, tests/test_hf_trainer.py), pinned,
+# the same way: nothing they pull in may move torch. requests' and huggingface_hub's own imports
+# are listed by hand (--no-deps installs none of them).
+$PY -m pip install -q --no-deps lightning==2.6.6 lightning-utilities==0.15.3 torchmetrics==1.9.0 \
+  transformers==5.18.0 tokenizers==0.23.3 huggingface_hub==2.4.0 httpx2==2.16.2 httpcore2==2.16.2 \
+  h11==0.16.0 truststore==0.10.5 regex requests certifi idna urllib3 charset_normalizer tqdm pyyaml \
+  fsspec
 # --no-build-isolation: build against the torch just installed, not a fresh multi-GB CUDA one.
 $PY -m pip install -q --no-build-isolation -e .
 # Headers and libraries of a CUDA build of torch for the CUDA compile/link check
