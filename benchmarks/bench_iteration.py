@@ -138,7 +138,7 @@ def main(argv=None):
             st[k].append(b)
 
     n = sum(p.numel() for p in variants["sgd fused"][0].parameters())
-    what = (f"ResNet-50's params (161 tensors), loss sum(p * r)" if args.model == "resnet50-params"
+    what = ("ResNet-50's params (161 tensors), loss sum(p * r)" if args.model == "resnet50-params"
             else f"MLP {args.layers} x {args.width}^2, batch {args.batch}")
     head = (f"{what}: {n / 1e6:.1f}M params, weight decay {wd:g}, momentum 0.9, {dev}, "
             + ("fp16 autocast + GradScaler, " if args.amp else "")

@@ -59,7 +59,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -519,10 +519,6 @@ def measure_phases(pset: ParamSet, device: torch.device, specs: Sequence[Variant
         st["bytes"] = nbytes[name]
         st["gbps"] = nbytes[name] / st["median_s"] / 1e9 if nbytes[name] else None
         out[name] = st
-    del wl, ps, gs, mom, dst
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return out
 
 
@@ -742,7 +738,7 @@ def plot(report: Dict[str, object], path: str) -> None:
         ax.set_title("model-shaped parameter sets")
         ax.legend(fontsize=7)
     for group, xkey, xlabel, title in (
-        (counts, "n_tensors", "number of tensors", f"fixed total size"),
+        (counts, "n_tensors", "number of tensors", "fixed total size"),
         (sizes, "numel", "total params", "fixed tensor count"),
     ):
         if not group:
@@ -972,9 +968,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
             except Exception as e:  # the step's numbers of this set stand without them
                 res["phases_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 progress.done(f"{ps.name}: phases not measured: {res['phases_error']}")
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            gc.collect()  # the phases' tensors are garbage now: give the next set their memory
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         results.append(res)
         progress.done()
         print(format_table(res, gpu), end="\n\n", flush=True)

@@ -22,6 +22,18 @@ def _available(name):
         return False
 
 
+def import_tool(module: str):
+    """A tool the tests drive SNGM through (lightning, transformers, ...): the module, or skip the
+    calling test module where it is not installed; in CI (scripts/setup.sh installs them) a missing
+    one is an error."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        if os.environ.get("CI"):
+            raise RuntimeError(f"{module} must be installed in CI (scripts/setup.sh): {e}") from e
+        pytest.skip(f"{module} is not installed ({e})", allow_module_level=True)
+
+
 # Every backend that runs on CPU tensors here. Where the package has its native layer, the "cpu"
 # backend must build in CI (scripts/setup.sh builds it): there a missing one is a failure.
 CPU_BACKENDS = ["reference", "triton", "cpu"]

@@ -12,15 +12,12 @@ import os
 
 import pytest
 import torch
+from conftest import import_tool
 
 from sngm_ext import SNGM
 
-try:
-    from transformers import Trainer, TrainingArguments
-except ImportError as e:  # pragma: no cover - depends on the machine
-    if os.environ.get("CI"):
-        raise RuntimeError(f"transformers must be installed in CI (scripts/setup.sh): {e}") from e
-    pytest.skip(f"transformers not installed ({e})", allow_module_level=True)
+transformers = import_tool("transformers")
+Trainer, TrainingArguments = transformers.Trainer, transformers.TrainingArguments
 
 X = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
 Y = torch.randn(64, 2, generator=torch.Generator().manual_seed(1))

@@ -7,19 +7,13 @@ scripts/setup.sh installs lightning (--no-deps); without it these tests skip, ex
 CPU backend (conftest's ``backend``).
 """
 
-import os
-
 import pytest
 import torch
+from conftest import import_tool
 
 from sngm_ext import SNGM
 
-try:
-    import lightning as L
-except ImportError as e:  # pragma: no cover - depends on the machine
-    if os.environ.get("CI"):
-        raise RuntimeError(f"lightning must be installed in CI (scripts/setup.sh): {e}") from e
-    pytest.skip(f"lightning not installed ({e})", allow_module_level=True)
+L = import_tool("lightning")
 
 X = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
 Y = torch.randn(64, 2, generator=torch.Generator().manual_seed(1))
