@@ -545,9 +545,11 @@ def check_targets(report: Dict[str, object]) -> List[Dict[str, object]]:
                 continue
 
             def add(what, value, target, at_most):
-                out.append({"set": res["name"], "variant": r["variant"], "what": what,
-                            "value": value, "target": target, "at_most": at_most,
-                            "met": value <= target if at_most else value >= target})
+                x = {"set": res["name"], "variant": r["variant"], "what": what, "value": value,
+                     "target": target, "at_most": at_most,
+                     "met": value <= target if at_most else value >= target}
+                x["line"] = target_line(x)  # the text the GPU kit's summary prints as it is
+                out.append(x)
 
             if res["kind"] == "model" and not gpu:
                 add("step / fastest torch SGD", r["ratio_vs_best_sgd"], t["vs_best_sgd_max"], True)
@@ -566,15 +568,16 @@ def check_targets(report: Dict[str, object]) -> List[Dict[str, object]]:
     return out
 
 
+def target_line(x: Dict[str, object]) -> str:
+    pct = str(x["what"]).startswith("share")
+    fmt = (lambda v: f"{100 * v:.0f}%") if pct else (lambda v: f"{v:.2f}x")
+    return (f"{x['set']} {x['variant']}: {x['what']} {fmt(x['value'])} "
+            f"(target {'<=' if x['at_most'] else '>='} {fmt(x['target'])}): "
+            f"{'met' if x['met'] else 'MISSED'}")
+
+
 def target_lines(targets: Sequence[Dict[str, object]]) -> List[str]:
-    lines = []
-    for x in targets:
-        pct = x["what"].startswith("share")
-        fmt = (lambda v: f"{100 * v:.0f}%") if pct else (lambda v: f"{v:.2f}x")
-        lines.append(f"{x['set']} {x['variant']}: {x['what']} {fmt(x['value'])} "
-                     f"(target {'<=' if x['at_most'] else '>='} {fmt(x['target'])}): "
-                     f"{'met' if x['met'] else 'MISSED'}")
-    return lines
+    return [target_line(x) for x in targets]
 
 
 # --------------------------------------------------------------------------------------------

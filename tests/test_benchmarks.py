@@ -96,6 +96,8 @@ def test_bench_step_end_to_end(tmp_path):
     t = targets[("sngm-cpu", "sngm-foreach / step")]
     assert t["value"] == pytest.approx(row["sngm-foreach"]["median_s"] / row["sngm-cpu"]["median_s"])
     assert t["met"] == (t["value"] >= 3.0)
+    assert t["line"].startswith("resnet20 sngm-cpu: sngm-foreach / step ")  # what the GPU kit prints
+    assert t["line"].endswith(": met" if t["met"] else ": MISSED")
     md = (tmp_path / "latest_cpu.md").read_text()
     assert "**Targets**" in md and "phases alone" in md
     assert "Targets:" in p.stdout
