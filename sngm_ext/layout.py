@@ -19,10 +19,12 @@ present tensors and their sizes: a steady training loop uploads them once, even 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from .device_cache import Built, DeviceCache
 
 # Elements per chunk-table row (csrc/sngm_math.h kChunk too, which the CUDA kernels size their
 # passes by: a test keeps the two equal; the Triton launchers receive it as their BLOCK). 4096 fp32 = 16 KiB per tensor read per program: ResNet-50 (25.6M params) gives ~6.3k
@@ -70,33 +72,50 @@ class StepPlan:
 
 
 class PlanCache:
-    """Plans keyed by (norm, device, each list's sizes); bounded so a never-repeating pattern does
-    not grow memory forever."""
+    """Plans keyed by (norm, device, each list's sizes), kept by device_cache.py's rules: a plan
+    built during a CUDA graph capture is never served to another call, plans a captured graph uses
+    are never dropped, and at most ``limit`` others are kept (least recently used dropped first),
+    so a never-repeating pattern does not grow memory forever."""
 
     def __init__(self, limit: int = 64):
-        self.plans: Dict[Tuple, StepPlan] = {}
-        self.limit = limit
+        self._cache = DeviceCache(limit)
+
+    @property
+    def limit(self) -> int:
+        return self._cache.limit
+
+    @property
+    def plans(self) -> Dict[Tuple, StepPlan]:
+        """Every plan the cache can serve, by key (diagnostics: the benchmarks count its bytes)."""
+        return self._cache.entries()
 
     def get(self, key: Tuple, numels: Sequence[Sequence[int]], per_tensor: bool,
             device: torch.device) -> StepPlan:
-        plan = self.plans.get(key)
-        if plan is None:
-            if len(self.plans) >= self.limit:
-                self.plans.clear()
-            plan = self.plans[key] = make_plan(numels, per_tensor, device)
-        return plan
+        return self._cache.get(key, device, _build_plan, numels, per_tensor, device)
 
 
-def _upload(host: Tensor, device: torch.device) -> Tensor:
+def _build_plan(numels, per_tensor, device) -> Built:
+    sources: List[Tensor] = []
+    plan = make_plan(numels, per_tensor, device, sources)
+    return Built(plan, plan.chunks + [plan.partials, plan.seg_ptr], sources)
+
+
+def _upload(host: Tensor, device: torch.device, sources: Optional[List[Tensor]]) -> Tensor:
     """A host table on ``device``: from pinned memory with a non-blocking copy on a GPU (no host
-    sync; the caching host allocator keeps the pinned block until the copy is done)."""
+    sync; the caching host allocator keeps the pinned block until the copy is done). The pinned
+    buffer goes to ``sources``: a copy captured into a CUDA graph reads it again at each replay."""
     if device.type == "cpu":
         return host
-    return host.pin_memory().to(device, non_blocking=True)
+    pinned = host.pin_memory()
+    if sources is not None:
+        sources.append(pinned)
+    return pinned.to(device, non_blocking=True)
 
 
-def make_plan(numels: Sequence[Sequence[int]], per_tensor: bool, device: torch.device) -> StepPlan:
-    """The tables for lists of tensors with these sizes (one list per (group, dtype))."""
+def make_plan(numels: Sequence[Sequence[int]], per_tensor: bool, device: torch.device,
+              sources: Optional[List[Tensor]] = None) -> StepPlan:
+    """The tables for lists of tensors with these sizes (one list per (group, dtype)); the pinned
+    buffers their uploads copy from are appended to ``sources``."""
     chunks, rows, offsets, seg_sizes = [], [], [], []
     n_partials = 0
     for ns in numels:
@@ -106,7 +125,8 @@ def make_plan(numels: Sequence[Sequence[int]], per_tensor: bool, device: torch.d
         rows.append(counts)
         if per_tensor:
             seg_sizes += counts
-        chunks.append(_upload(torch.tensor(cols, dtype=torch.int64).reshape(4, -1), device))
+        chunks.append(_upload(torch.tensor(cols, dtype=torch.int64).reshape(4, -1), device,
+                              sources))
     n_sumsq = 1 + len(seg_sizes) if per_tensor else 1
     if not per_tensor:
         seg_sizes = [n_partials]
@@ -118,6 +138,6 @@ def make_plan(numels: Sequence[Sequence[int]], per_tensor: bool, device: torch.d
         rows=rows,
         partial_offsets=offsets,
         partials=torch.zeros(max(n_partials, 1), dtype=ACC_DTYPE, device=device),
-        seg_ptr=_upload(torch.tensor(seg_ptr, dtype=torch.int64), device),
+        seg_ptr=_upload(torch.tensor(seg_ptr, dtype=torch.int64), device, sources),
         n_sumsq=n_sumsq,
     )
