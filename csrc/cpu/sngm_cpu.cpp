@@ -89,17 +89,12 @@ std::vector<P*> pointers(at::TensorList ts) {
 void sumsq(at::TensorList params, at::TensorList grads, const at::Tensor& chunks,
            const std::optional<at::Tensor>& grad_scale, double weight_decay, bool maximize,
            const at::Tensor& partials, int64_t partial_offset) {
-  check_lists("sumsq", c10::DeviceType::CPU, params, grads, {});
-  const c10::Device cpu(c10::DeviceType::CPU);
+  const c10::Device cpu = call_device("sumsq", "chunks", chunks, c10::DeviceType::CPU);
   check_table("sumsq", chunks, cpu);
+  check_lists("sumsq", cpu, params, grads, {});
   check_scalar("sumsq", "grad_scale", grad_scale, cpu);
   const int64_t n = chunks.size(1);
-  check_acc_dtype(partials, "sumsq", "partials");
-  TORCH_CHECK(partials.is_contiguous() && partials.device() == cpu,
-              "sngm_native::sumsq: partials must be a contiguous CPU tensor");
-  TORCH_CHECK(partial_offset >= 0 && partial_offset + n <= partials.numel(),
-              "sngm_native::sumsq: partials[", partial_offset, ":", partial_offset + n,
-              "] is out of range for ", partials.numel(), " partials");
+  check_partials(partials, partial_offset, n, cpu);
   if (n == 0) {
     return;
   }
@@ -117,11 +112,8 @@ void sumsq(at::TensorList params, at::TensorList grads, const at::Tensor& chunks
 
 void finalize(const at::Tensor& partials, const at::Tensor& seg_ptr,
               const std::optional<at::Tensor>& found_inf, const at::Tensor& sumsq) {
-  const c10::Device cpu(c10::DeviceType::CPU);
-  TORCH_CHECK(partials.device() == cpu && seg_ptr.device() == cpu && sumsq.device() == cpu,
-              "sngm_native::finalize: expected CPU tensors");
-  check_finalize(partials, seg_ptr, sumsq);
-  check_scalar("finalize", "found_inf", found_inf, cpu);
+  const c10::Device cpu = call_device("finalize", "sumsq", sumsq, c10::DeviceType::CPU);
+  check_finalize(partials, seg_ptr, found_inf, sumsq, cpu);
   const int64_t n_seg = seg_ptr.numel() - 1;
   const bool per_segment = sumsq.numel() > 1;
   const int64_t* sp = seg_ptr.const_data_ptr<int64_t>();
@@ -154,24 +146,15 @@ void update(at::TensorList params, at::TensorList grads, at::TensorList momentum
             const std::optional<at::Tensor>& grad_scale,
             const std::optional<at::Tensor>& lr_tensor, double lr, double momentum,
             double weight_decay, bool nesterov, bool maximize) {
-  check_lists("update", c10::DeviceType::CPU, params, grads, momentum_buffers);
-  const c10::Device cpu(c10::DeviceType::CPU);
+  const c10::Device cpu = call_device("update", "chunks", chunks, c10::DeviceType::CPU);
   check_table("update", chunks, cpu);
-  check_scalar("update", "grad_scale", grad_scale, cpu);
+  check_lists("update", cpu, params, grads, momentum_buffers);
+  check_update_inputs(sumsq, grad_scale, lr_tensor, cpu);
   if (lr_tensor.has_value()) {  // torch.optim.SGD's tensor lr: read where it lies (CPU here)
-    TORCH_CHECK(lr_tensor->numel() == 1 && lr_tensor->device() == cpu &&
-                    (lr_tensor->scalar_type() == c10::kFloat ||
-                     lr_tensor->scalar_type() == c10::kDouble),
-                "sngm_native::update: lr_tensor must be a one-element float32 or float64 CPU "
-                "tensor, got ", lr_tensor->numel(), " x ", lr_tensor->scalar_type(), " on ",
-                lr_tensor->device());
     lr = lr_tensor->scalar_type() == c10::kFloat
              ? static_cast<double>(*lr_tensor->const_data_ptr<float>())
              : *lr_tensor->const_data_ptr<double>();
   }
-  check_acc_dtype(sumsq, "update", "sumsq");
-  TORCH_CHECK(sumsq.device() == cpu && sumsq.is_contiguous() && sumsq.numel() >= 1,
-              "sngm_native::update: sumsq must be a non-empty contiguous CPU tensor");
   const int64_t n = chunks.size(1);
   if (n == 0) {
     return;

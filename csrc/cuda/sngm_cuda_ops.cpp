@@ -1,7 +1,8 @@
-// sngm_native::{sumsq, finalize, update} for the CUDA dispatch key (docs/ops.md): argument
-// checks, the device table of the lists' pointers (cached: see device_table), the current device
-// and stream, then the launchers of sngm_cuda.cu. Module sngm_ext._C_cuda; the schemas are defined
-// in Python (sngm_ext/_ops.py), so this registers implementations only and needs no other module.
+// sngm_native::{sumsq, finalize, update} for the CUDA dispatch key (docs/ops.md): the argument
+// checks (sngm_common.h's, the CPU side's too), the device table of the lists' pointers (cached:
+// see device_table), the current device and stream, then the launchers of sngm_cuda.cu. Module
+// sngm_ext._C_cuda; the schemas are defined in Python (sngm_ext/_ops.py), so this registers
+// implementations only and needs no other module.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -38,110 +39,38 @@ cuda::Dtype to_dtype(c10::ScalarType t, const char* op) {
     case c10::kHalf:
       return cuda::Dtype::kHalf;
     default:
-      TORCH_CHECK(false, "sngm_native::", op, ": unsupported dtype ", t,
-                  "; supported param dtypes are float32, float64, bfloat16 and float16");
+      check_param_dtype(t, op, "params");  // throws: check_lists let no other dtype through
   }
   return cuda::Dtype::kFloat;  // not reached
 }
 
-// A tensor of the op's own (chunks, partials, sumsq, seg_ptr): dtype, contiguous, on `device`.
-void check_aux(const at::Tensor& t, c10::ScalarType dtype, c10::Device device, const char* op,
-               const char* what) {
-  TORCH_CHECK(t.scalar_type() == dtype, "sngm_native::", op, ": ", what, " must be ", dtype,
-              ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == device, "sngm_native::", op, ": ", what, " is on ", t.device(),
-              ", expected ", device);
-  TORCH_CHECK(t.is_contiguous(), "sngm_native::", op, ": ", what, " must be contiguous");
+// The checks of sumsq's and update's lists and chunk table (sngm_common.h), but not the table's
+// contents: they live on the device (the kernels skip rows that do not fit). Returns the device.
+c10::Device check_lists_and_table(const char* op, at::TensorList params, at::TensorList grads,
+                                  at::TensorList momentum, const at::Tensor& chunks) {
+  const c10::Device device = call_device(op, "chunks", chunks, c10::DeviceType::CUDA);
+  check_table(op, chunks, device);
+  TORCH_CHECK(chunks.size(1) < (int64_t{1} << 31), "sngm_native::", op, ": ", chunks.size(1),
+              " chunks, more than one launch takes (2^31 - 1)");
+  check_lists(op, device, params, grads, momentum);
+  return device;
 }
 
-// grad_scale / found_inf: GradScaler's 0-dim float32 tensors, read by the kernels on the device.
-const float* scalar_f32(const std::optional<at::Tensor>& t, c10::Device device, const char* op,
-                        const char* what) {
-  if (!t.has_value()) {
-    return nullptr;
-  }
-  check_aux(*t, c10::kFloat, device, op, what);
-  TORCH_CHECK(t->dim() == 0, "sngm_native::", op, ": ", what, " must be a 0-dim tensor, got shape ",
-              t->sizes());
-  return t->const_data_ptr<float>();
+// GradScaler's scalar (checked by check_scalar) as the kernels read it: a device pointer or none.
+const float* scalar_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<float>() : nullptr;
 }
 
-// lr_tensor: torch.optim.SGD's tensor lr, one float32 or float64 element on the params' device,
-// which the update kernel loads when it runs (no host sync); `lr` is then not read.
-cuda::LearningRate learning_rate(const std::optional<at::Tensor>& lr_tensor, double lr,
-                                 c10::Device device) {
+// torch.optim.SGD's tensor lr (checked by check_update_inputs), which the update kernel loads when
+// it runs (no host sync); `lr` is then not read.
+cuda::LearningRate learning_rate(const std::optional<at::Tensor>& lr_tensor, double lr) {
   if (!lr_tensor.has_value()) {
     return cuda::LearningRate{lr, nullptr, nullptr};
   }
-  const at::Tensor& t = *lr_tensor;
-  TORCH_CHECK(t.scalar_type() == c10::kFloat || t.scalar_type() == c10::kDouble,
-              "sngm_native::update: lr_tensor must be float32 or float64, got ", t.scalar_type());
-  TORCH_CHECK(t.numel() == 1, "sngm_native::update: lr_tensor must have exactly one element, got ",
-              t.numel(), " (shape ", t.sizes(), ")");
-  TORCH_CHECK(t.device() == device, "sngm_native::update: lr_tensor is on ", t.device(),
-              ", expected ", device, " (the params' device)");
-  if (t.scalar_type() == c10::kDouble) {
-    return cuda::LearningRate{0.0, nullptr, t.const_data_ptr<double>()};
+  if (lr_tensor->scalar_type() == c10::kDouble) {
+    return cuda::LearningRate{0.0, nullptr, lr_tensor->const_data_ptr<double>()};
   }
-  return cuda::LearningRate{0.0, t.const_data_ptr<float>(), nullptr};
-}
-
-// The kernels address element i of every tensor of list index i as data_ptr + i: right when
-// param, grad and momentum are all contiguous, or all non-overlapping and dense with one set of
-// strides (channels_last): the same memory order for the three.
-void check_like_param(const at::Tensor& param, const at::Tensor& t, c10::Device device,
-                      const char* op, const char* list, size_t i) {
-  TORCH_CHECK(t.scalar_type() == param.scalar_type(), "sngm_native::", op, ": ", list, "[", i,
-              "] has dtype ", t.scalar_type(), " but params[", i, "] has ",
-              param.scalar_type());
-  TORCH_CHECK(t.device() == device, "sngm_native::", op, ": ", list, "[", i, "] is on ",
-              t.device(), ", expected ", device);
-  TORCH_CHECK(t.numel() == param.numel(), "sngm_native::", op, ": ", list, "[", i, "] has ",
-              t.numel(), " elements but params[", i, "] has ", param.numel());
-  TORCH_CHECK((t.is_contiguous() && param.is_contiguous()) ||
-                  (t.is_non_overlapping_and_dense() && t.strides() == param.strides()),
-              "sngm_native::", op, ": ", list, "[", i, "] (strides ", t.strides(),
-              ") must be contiguous like params[", i, "] or share its strides (", param.strides(),
-              ") and be non-overlapping and dense");
-}
-
-// Every check of sumsq's and update's lists and chunk table but the table's contents (the kernels
-// skip rows that do not fit). Returns the device everything is on.
-c10::Device check_lists(const char* op, at::TensorList params, at::TensorList grads,
-                        at::TensorList momentum, const at::Tensor& chunks) {
-  TORCH_CHECK(chunks.is_cuda(), "sngm_native::", op, ": this kernel runs on CUDA tensors, got "
-              "chunks on ", chunks.device());
-  const c10::Device device = chunks.device();
-  check_aux(chunks, c10::kLong, device, op, "chunks");
-  TORCH_CHECK(chunks.dim() == 2 && chunks.size(0) == 4, "sngm_native::", op,
-              ": chunks must have shape [4, n_chunks] (tensor, start, length, segment), got ",
-              chunks.sizes());
-  TORCH_CHECK(chunks.size(1) < (int64_t{1} << 31), "sngm_native::", op, ": ", chunks.size(1),
-              " chunks, more than one launch takes (2^31 - 1)");
-  TORCH_CHECK(grads.size() == params.size(), "sngm_native::", op, ": ", params.size(),
-              " params but ", grads.size(), " grads");
-  TORCH_CHECK(momentum.empty() || momentum.size() == params.size(), "sngm_native::", op, ": ",
-              params.size(), " params but ", momentum.size(),
-              " momentum_buffers (expected none or one per param)");
-  if (!params.empty()) {
-    to_dtype(params[0].scalar_type(), op);
-  }
-  for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& p = params[i];
-    TORCH_CHECK(p.device() == device, "sngm_native::", op, ": params[", i, "] is on ", p.device(),
-                ", expected ", device, " (the chunks' device)");
-    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), "sngm_native::", op, ": params[", i,
-                "] has dtype ", p.scalar_type(), " but params[0] has ",
-                params[0].scalar_type());
-    TORCH_CHECK(p.is_non_overlapping_and_dense(), "sngm_native::", op, ": params[", i,
-                "] (sizes ", p.sizes(), ", strides ", p.strides(),
-                ") must be non-overlapping and dense");
-    check_like_param(p, grads[i], device, op, "grads", i);
-    if (!momentum.empty()) {
-      check_like_param(p, momentum[i], device, op, "momentum_buffers", i);
-    }
-  }
-  return device;
+  return cuda::LearningRate{0.0, lr_tensor->const_data_ptr<float>(), nullptr};
 }
 
 // ---- The device tables (sngm_cuda.h TensorRow), cached ----------------------------------------
@@ -335,44 +264,32 @@ cuda::Lists lists_of(at::TensorList params, const at::Tensor& table, const at::T
 void sumsq(at::TensorList params, at::TensorList grads, const at::Tensor& chunks,
            const std::optional<at::Tensor>& grad_scale, double weight_decay, bool maximize,
            const at::Tensor& partials, int64_t partial_offset) {
-  const c10::Device device = check_lists("sumsq", params, grads, {}, chunks);
-  const float* gs = scalar_f32(grad_scale, device, "sumsq", "grad_scale");
-  check_aux(partials, c10::kDouble, device, "sumsq", "partials");
+  const c10::Device device = check_lists_and_table("sumsq", params, grads, {}, chunks);
+  check_scalar("sumsq", "grad_scale", grad_scale, device);
   const int64_t n = chunks.size(1);
-  TORCH_CHECK(partial_offset >= 0 && partial_offset <= partials.numel() - n,
-              "sngm_native::sumsq: partials[", partial_offset, ":", partial_offset + n,
-              "] is out of range for ", partials.numel(), " partials");
+  check_partials(partials, partial_offset, n, device);
   if (n == 0) {
     return;
   }
   c10::cuda::CUDAGuard guard(device);
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
   const at::Tensor table = device_table(params, grads, {}, device, /*writes=*/false, stream);
-  C10_CUDA_CHECK(cuda::launch_sumsq(lists_of(params, table, chunks, gs, "sumsq"), weight_decay,
-                                    maximize, partials.data_ptr<double>() + partial_offset,
+  C10_CUDA_CHECK(cuda::launch_sumsq(lists_of(params, table, chunks, scalar_ptr(grad_scale),
+                                             "sumsq"),
+                                    weight_decay, maximize,
+                                    partials.data_ptr<double>() + partial_offset,
                                     stream.stream()));
 }
 
 void finalize(const at::Tensor& partials, const at::Tensor& seg_ptr,
               const std::optional<at::Tensor>& found_inf, const at::Tensor& sumsq) {
-  TORCH_CHECK(sumsq.is_cuda(), "sngm_native::finalize: this kernel runs on CUDA tensors, got "
-              "sumsq on ", sumsq.device());
-  const c10::Device device = sumsq.device();
-  check_aux(partials, c10::kDouble, device, "finalize", "partials");
-  check_aux(seg_ptr, c10::kLong, device, "finalize", "seg_ptr");
-  check_aux(sumsq, c10::kDouble, device, "finalize", "sumsq");
-  const float* fi = scalar_f32(found_inf, device, "finalize", "found_inf");
-  TORCH_CHECK(seg_ptr.dim() == 1 && seg_ptr.numel() >= 1,
-              "sngm_native::finalize: seg_ptr must have shape [n_segments + 1], got ",
-              seg_ptr.sizes());
-  const int64_t n_seg = seg_ptr.numel() - 1;
-  TORCH_CHECK(sumsq.numel() == 1 || sumsq.numel() >= 1 + n_seg, "sngm_native::finalize: sumsq has ",
-              sumsq.numel(), " entries: 1 (the total) or at least 1 + ", n_seg,
-              " (the total and one per segment)");
+  const c10::Device device = call_device("finalize", "sumsq", sumsq, c10::DeviceType::CUDA);
+  check_finalize(partials, seg_ptr, found_inf, sumsq, device);
   c10::cuda::CUDAGuard guard(device);
   C10_CUDA_CHECK(cuda::launch_finalize(partials.const_data_ptr<double>(), partials.numel(),
-                                       seg_ptr.const_data_ptr<int64_t>(), n_seg, fi,
-                                       sumsq.data_ptr<double>(), sumsq.numel() > 1,
+                                       seg_ptr.const_data_ptr<int64_t>(), seg_ptr.numel() - 1,
+                                       scalar_ptr(found_inf), sumsq.data_ptr<double>(),
+                                       sumsq.numel() > 1,
                                        c10::cuda::getCurrentCUDAStream(device.index())));
 }
 
@@ -381,11 +298,9 @@ void update(at::TensorList params, at::TensorList grads, at::TensorList momentum
             const std::optional<at::Tensor>& grad_scale,
             const std::optional<at::Tensor>& lr_tensor, double lr, double momentum,
             double weight_decay, bool nesterov, bool maximize) {
-  const c10::Device device = check_lists("update", params, grads, momentum_buffers, chunks);
-  const float* gs = scalar_f32(grad_scale, device, "update", "grad_scale");
-  const cuda::LearningRate rate = learning_rate(lr_tensor, lr, device);
-  check_aux(sumsq, c10::kDouble, device, "update", "sumsq");
-  TORCH_CHECK(sumsq.numel() >= 1, "sngm_native::update: sumsq is empty");
+  const c10::Device device =
+      check_lists_and_table("update", params, grads, momentum_buffers, chunks);
+  check_update_inputs(sumsq, grad_scale, lr_tensor, device);
   if (chunks.size(1) == 0) {
     return;
   }
@@ -393,10 +308,11 @@ void update(at::TensorList params, at::TensorList grads, at::TensorList momentum
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
   const at::Tensor table =
       device_table(params, grads, momentum_buffers, device, /*writes=*/true, stream);
-  C10_CUDA_CHECK(cuda::launch_update(lists_of(params, table, chunks, gs, "update"),
+  C10_CUDA_CHECK(cuda::launch_update(lists_of(params, table, chunks, scalar_ptr(grad_scale),
+                                              "update"),
                                      !momentum_buffers.empty(), sumsq.const_data_ptr<double>(),
-                                     sumsq.numel(), rate, momentum, weight_decay, nesterov,
-                                     maximize, stream.stream()));
+                                     sumsq.numel(), learning_rate(lr_tensor, lr), momentum,
+                                     weight_decay, nesterov, maximize, stream.stream()));
 }
 
 }  // namespace
