@@ -127,19 +127,29 @@ def test_ops_refuse_bad_arguments_before_writing(ops):
 def test_channels_last_tensors_are_walked_in_place(ops, dtype):
     """A conv weight, its grad and momentum in channels_last: stepped where they lie, equal to
     the reference on the same tensors."""
-    outs = []
+    outs, steps, lr, beta = [], 2, 0.1, 0.9
+    m_w = m_u = 0.0  # the largest |w| and |u| the reference reached (scenarios.py's Mw, Mu)
     for backend in ("reference", "cpu"):
         g = torch.Generator().manual_seed(0)
         w = torch.randn(8, 3, 5, 5, generator=g, dtype=torch.float64).to(dtype)
         w = torch.nn.Parameter(w.to(memory_format=torch.channels_last))
-        opt = SNGM([w], lr=0.1, momentum=0.9, weight_decay=1e-2, backend=backend)
+        opt = SNGM([w], lr=lr, momentum=beta, weight_decay=1e-2, backend=backend)
         ptr = w.data_ptr()
-        for _ in range(2):
+        m_w = max(m_w, w.detach().abs().max().item())
+        for _ in range(steps):
             w.grad = torch.randn(w.shape, generator=g, dtype=torch.float64).to(dtype).to(
                 memory_format=torch.channels_last)
             opt.step()
+            if backend == "reference":
+                m_w = max(m_w, w.detach().abs().max().item())
+                m_u = max(m_u, opt.state[w]["momentum_buffer"].abs().max().item())
         assert w.data_ptr() == ptr and w.is_contiguous(memory_format=torch.channels_last)
         outs.append((w.detach().clone(), opt.state[w]["momentum_buffer"].clone()))
-    tol = 8 * torch.finfo(dtype).eps
-    for a, b in zip(*outs):
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+    # The bounds of scenarios.py's module doc after `steps` steps: the two backends differ only in
+    # the fp64 norm's summation order, which can flip one rounding per step and operation.
+    eps = torch.finfo(dtype).eps
+    du = 2 * steps * eps * m_u
+    dw = 2 * steps * eps * (m_w + lr * (1 + beta) * steps * m_u)
+    (w_ref, u_ref), (w_cpu, u_cpu) = outs
+    assert (w_cpu.double() - w_ref.double()).abs().max().item() <= dw
+    assert (u_cpu.double() - u_ref.double()).abs().max().item() <= du
