@@ -1,4 +1,4 @@
-"""``python -m sngm_ext [--json] [--no-build]``: what a bug report needs.
+"""``python -m sngm_ext [--json] [--no-build] [--check]``: what a bug report needs.
 
 Versions (sngm_ext, Python, torch, triton, numpy), the CPU and CUDA devices, and for each backend
 whether it runs on this machine's devices and, where it does not, why (the BackendUnavailable
@@ -6,6 +6,10 @@ message), what ``backend="auto"`` picks per device, and how the native extension
 Every probe is guarded: a failure is printed as its error line, never raised. Loading the "cpu"
 backend may build the native extension on first use (~30 s, once); ``--no-build`` sets
 SNGM_NO_JIT=1 first, so a missing prebuilt module is reported instead of built.
+
+``--check`` instead runs every fused backend available here against the reference on a few small
+cases (sngm_ext/_selfcheck.py), prints one PASS / FAIL / SKIP line per backend and device, and
+exits 1 when any backend is off its bounds or fails to run.
 """
 
 from __future__ import annotations
@@ -160,6 +164,20 @@ def _print_plain(info: dict) -> None:
     _show({"native": native})
 
 
+def _check() -> int:
+    from ._selfcheck import run_checks
+
+    cuda_ok = _try(torch.cuda.is_available) is True
+    print(f"sngm_ext {getattr(sngm_ext, '__version__', 'unknown')} --check: torch "
+          f"{torch.__version__}, triton {_try(lambda: _version('triton'))}, "
+          f"{torch.cuda.get_device_name(0) if cuda_ok else 'no CUDA device'}, "
+          f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', 'unset')}", flush=True)
+    rc = run_checks(["cpu"] + (["cuda"] if cuda_ok else []),
+                    say=lambda line: print(line, flush=True))
+    print("check: " + ("all backends match the reference" if rc == 0 else "MISMATCH (see FAIL)"))
+    return rc
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m sngm_ext",
@@ -168,9 +186,16 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--no-build", action="store_true",
                     help="set SNGM_NO_JIT=1: never build the native extension, report it missing")
+    ap.add_argument("--check", action="store_true",
+                    help="run every fused backend available here against the reference on a few "
+                         "small cases (seconds); exit 1 on a mismatch")
     args = ap.parse_args(argv)
     if args.no_build:
         os.environ["SNGM_NO_JIT"] = "1"
+    if args.check:
+        if args.json:
+            ap.error("--check prints one line per backend; it has no --json form")
+        return _check()
     with contextlib.redirect_stdout(sys.stderr):  # stray prints must not spoil --json
         info = _try(collect)
     if not isinstance(info, dict):

@@ -46,24 +46,24 @@ def _fake(*args, **kwargs):
 
 
 def _triton_sumsq(params, grads, chunks, grad_scale, weight_decay, maximize, partials, offset):
-    from . import triton_kernels as tk
+    from ._triton_kernels_path import load
 
-    tk.sumsq(params, grads, chunks, grad_scale, weight_decay, maximize, partials, offset,
-             block=CHUNK)
+    load().sumsq(params, grads, chunks, grad_scale, weight_decay, maximize, partials, offset,
+                 block=CHUNK)
 
 
 def _triton_finalize(partials, seg_ptr, found_inf, sumsq):
-    from . import triton_kernels as tk
+    from ._triton_kernels_path import load
 
-    tk.finalize(partials, seg_ptr, found_inf, sumsq)
+    load().finalize(partials, seg_ptr, found_inf, sumsq)
 
 
 def _triton_update(params, grads, bufs, chunks, sumsq, grad_scale, lr_tensor, lr, momentum,
                    weight_decay, nesterov, maximize):
-    from . import triton_kernels as tk
+    from ._triton_kernels_path import load
 
-    tk.update(params, grads, bufs, chunks, sumsq, grad_scale, lr_tensor, lr, momentum,
-              weight_decay, nesterov, maximize, block=CHUNK)
+    load().update(params, grads, bufs, chunks, sumsq, grad_scale, lr_tensor, lr, momentum,
+                  weight_decay, nesterov, maximize, block=CHUNK)
 
 
 _TRITON_IMPLS = {"sumsq": _triton_sumsq, "finalize": _triton_finalize, "update": _triton_update}

@@ -69,12 +69,11 @@ def load_lr(lr_ptr, FP64: tl.constexpr):
 
 @triton.jit
 def inverse_grad_scale(scale_ptr, FP64: tl.constexpr):
-    """gscale = 1 / grad_scale in C, correctly rounded (fp32 ``/`` compiles to div.full)."""
-    s = tl.load(scale_ptr)
-    if FP64:
-        return 1.0 / s.to(tl.float64)  # div.rn.f64
-    else:
-        return tl.div_rn(1.0, s)
+    """gscale = 1 / grad_scale as GradScaler's unscale_, the CUDA kernel (__fdiv_rn) and
+    reference.py's ``(1.0 / grad_scale.float())`` take it: the float32 reciprocal, correctly
+    rounded (div.rn.f32: fp32 ``/`` compiles to div.full), then in C (exact). An fp64 reciprocal
+    would differ by up to 2^-24 relative for a scale that is not a power of two."""
+    return to_compute(tl.div_rn(1.0, tl.load(scale_ptr).to(tl.float32)), FP64)
 
 
 @triton.jit
@@ -114,6 +113,11 @@ def num_warps(dtype) -> int:
     keeps 8 elements (four 128-bit loads) per thread and the update under 128 registers
     (scripts/triton_aot_check.py)."""
     return 16 if dtype == torch.float64 else 8
+
+
+# Whether these kernels run in Triton's interpreter (TRITON_INTERPRET=1 when triton.jit made them:
+# they then take CPU tensors) or compiled (CUDA tensors).
+INTERPRETED = not isinstance(chunk_row, triton.JITFunction)
 
 
 def launch_guard(t: torch.Tensor):

@@ -12,8 +12,10 @@ distributed all-reduce of the sums if there is one.
 import triton
 import triton.language as tl
 
+from . import checks
 from ._scalars import split_f64
 from .common import (
+    INTERPRETED,
     TORCH_TO_TL,
     as_pointer,
     base_address,
@@ -38,7 +40,10 @@ def _chunk_sumsq(pw, pg, length, gscale, sign, wd, BLOCK: tl.constexpr, FP64: tl
     return tl.sum(tl.where(mask, d * d, 0.0), axis=0)
 
 
-@triton.jit
+# Integer arguments are not specialized (Triton would compile a kernel per n_chunks % 16, == 1,
+# ...): one compile per dtype, and the code that runs is the code scripts/triton_aot_check.py
+# checks (it compiles with no integer assumptions).
+@triton.jit(do_not_specialize=["n_tensors", "n_chunks", "partial_offset"])
 def _sumsq_kernel(
     table_ptr,  # int64 [3 * n_tensors]: numels, param pointers, grad pointers (tables.py)
     n_tensors,
@@ -89,7 +94,7 @@ def _range_sum(partials_ptr, lo, hi, BLOCK: tl.constexpr):
     return tl.sum(acc, axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_partials", "n_segments"])
 def _finalize_kernel(
     partials_ptr,  # float64
     n_partials,
@@ -122,12 +127,16 @@ def _finalize_kernel(
 def sumsq(params, grads, chunks, grad_scale, weight_decay, maximize, partials, partial_offset, *,
           block):
     """partials[partial_offset + c] = sum of double(d)^2 over chunk c (docs/ops.md)."""
+    device = checks.lists("sumsq", params, grads, [], chunks, INTERPRETED)
+    checks.scalar_f32("sumsq", "grad_scale", grad_scale, device)
     n_chunks = chunks.shape[1]
+    checks.partials_range(partials, partial_offset, n_chunks, device)
     if n_chunks == 0:
         return
-    if not params or len(grads) != len(params):
-        raise ValueError("sumsq: params and grads must be non-empty lists of the same length")
-    device, dtype = params[0].device, params[0].dtype
+    if not params:  # no row names a tensor: every chunk's sum is 0, as the CUDA kernel writes
+        partials[partial_offset:partial_offset + n_chunks].zero_()
+        return
+    dtype = params[0].dtype
     table = pointer_table(device, (params, grads))
     with launch_guard(params[0]):
         _sumsq_kernel[(n_chunks,)](
@@ -150,11 +159,9 @@ def sumsq(params, grads, chunks, grad_scale, weight_decay, maximize, partials, p
 def finalize(partials, seg_ptr, found_inf, sumsq):
     """sumsq[0] = sum of the partials the segments cover (+inf when found_inf is nonzero);
     sumsq[1 + s] = segment s's sum when sumsq has more than one entry. One launch."""
-    n_segments = max(seg_ptr.shape[0] - 1, 0)
+    checks.finalize_args(partials, seg_ptr, found_inf, sumsq, INTERPRETED)
+    n_segments = seg_ptr.shape[0] - 1
     per_segment = sumsq.shape[0] > 1
-    if per_segment and sumsq.shape[0] < 1 + n_segments:
-        raise ValueError(f"finalize: sumsq has {sumsq.shape[0]} entries, fewer than 1 + "
-                         f"{n_segments} segments")
     with launch_guard(sumsq):
         _finalize_kernel[(1 + n_segments if per_segment else 1,)](
             partials,

@@ -11,8 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import checks
 from ._scalars import split_f64
 from .common import (
+    INTERPRETED,
     TORCH_TO_TL,
     as_pointer,
     base_address,
@@ -46,7 +48,8 @@ def _chunk_update(pw, pg, pu, length, inv, gscale, sign, wd, lr, beta, nesterov,
     store_c(pw + idx, w - lr * step, mask)
 
 
-@triton.jit
+# Integer arguments are not specialized: see norm.py's _sumsq_kernel.
+@triton.jit(do_not_specialize=["n_tensors", "n_chunks", "n_sumsq", "nesterov"])
 def _update_kernel(
     table_ptr,  # int64 [(3 or 4) * n_tensors]: numels, param, grad (, momentum) pointers
     n_tensors,
@@ -110,21 +113,15 @@ def update(params, grads, momentum_buffers, chunks, sumsq, grad_scale, lr_tensor
     """One normalize-momentum-update pass over the chunks (docs/ops.md); momentum_buffers
     empty: no momentum. lr_tensor: None, or a one-element float32/float64 tensor on the params'
     device that the kernel reads the learning rate from (``lr`` is then not read)."""
+    device = checks.lists("update", params, grads, momentum_buffers, chunks, INTERPRETED)
+    checks.scalar_f32("update", "grad_scale", grad_scale, device)
+    checks.update_scalars(sumsq, lr_tensor, device)
     n_chunks = chunks.shape[1]
-    if n_chunks == 0:
+    if n_chunks == 0 or not params:  # no row names a tensor: nothing to read or write
         return
     has_mom = len(momentum_buffers) > 0
     n = len(params)
-    if not n or len(grads) != n or (has_mom and len(momentum_buffers) != n):
-        raise ValueError("update: params, grads (and momentum_buffers, unless empty) must be "
-                         "non-empty lists of the same length")
-    device, dtype = params[0].device, params[0].dtype
-    if lr_tensor is not None and (lr_tensor.numel() != 1
-                                  or lr_tensor.dtype not in (torch.float32, torch.float64)
-                                  or lr_tensor.device != device):
-        raise ValueError("update: lr_tensor must be a one-element float32 or float64 tensor on "
-                         f"the params' device ({device}), got {lr_tensor.dtype} "
-                         f"{tuple(lr_tensor.shape)} on {lr_tensor.device}")
+    dtype = params[0].dtype
     lists = (params, grads, momentum_buffers) if has_mom else (params, grads)
     table = pointer_table(device, lists)
     with launch_guard(params[0]):
