@@ -17,16 +17,8 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._group import TensorGroup, check_hyperparameters, momentum_buffer_for, present
-from .backends import BACKENDS, BackendUnavailable, resolve_backend  # noqa: F401
-from .reference import _device_of, sngm_reference
-
-NORMS = ("global", "tensor")
-
-
-def _check_norm(norm: str) -> None:
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+from ._group import TensorGroup, check_hyperparameters
+from .stepper import NORMS, Stepper  # noqa: F401  (NORMS: part of the public API)
 
 
 def sngm_groups(
@@ -38,56 +30,23 @@ def sngm_groups(
     reduce_sumsq: Optional[Callable[[Tensor], None]] = None,
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
-    plans=None,
-    last_device: Optional[torch.device] = None,
-    backward_sums=None,
 ) -> Tensor:
     """One SNGM step over several param groups sharing ONE norm; returns it (fp64 0-dim, on device).
 
-    Params, grads and momentum buffers are read and written in place. Entries of
-    ``momentum_buffers`` that are None (with momentum != 0) are created, and the lists are updated
-    with the buffers to keep. ``reduce_sumsq`` (distributed.py) all-reduces the sums of squares
-    between the two phases. ``grad_scale`` / ``found_inf``: ``torch.amp.GradScaler``'s tensors
-    (grads still multiplied by ``grad_scale``; ``found_inf`` nonzero skips the step). ``plans``
-    (a :class:`~sngm_ext.layout.PlanCache`) keeps chunk tables across calls; ``last_device``, the
-    params' device at the previous call, spares a check per momentum buffer when they stayed.
+    Params, grads and momentum buffers are read and written in place; everything is checked
+    before anything is written. Entries of ``momentum_buffers`` that are None (with momentum != 0)
+    are created, and the lists are updated with the buffers to keep. ``reduce_sumsq`` sees the
+    fp64 sums of squares between the two phases ([total], or [total, one per tensor] for
+    ``norm="tensor"``) and may change them in place (an all-reduce, say). ``grad_scale`` /
+    ``found_inf``: ``torch.amp.GradScaler``'s tensors (grads still multiplied by ``grad_scale``;
+    ``found_inf`` nonzero skips the step). ``skipped_steps`` (int64 0-dim, on the params' device)
+    grows by one when the step is skipped.
     """
-    _check_norm(norm)
-    device = _device_of(groups)
-    name, ops = resolve_backend(backend, device)
-    if skipped_steps is None:
-        skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
-    if name == "reference":
-        for grp in groups:
-            for i, p, g in present(grp):
-                if g.layout != torch.strided:
-                    raise RuntimeError("SNGM does not support sparse gradients")
-                if p.device != device:
-                    raise ValueError(f"SNGM needs every param on one device, got {device} and "
-                                     f"{p.device}")
-        for grp in groups:
-            if grp.momentum != 0:
-                for i, p, g in present(grp):
-                    buf = grp.momentum_buffers[i]
-                    if (buf is None or buf.dtype != p.dtype or buf.device != p.device
-                            or buf.shape != p.shape):
-                        grp.momentum_buffers[i] = momentum_buffer_for(p, buf)
-        return sngm_reference(groups, norm=norm, skipped_steps=skipped_steps,
-                              reduce_sumsq=reduce_sumsq, grad_scale=grad_scale,
-                              found_inf=found_inf)
-
-    from .fused import fused_step
-    from .layout import PlanCache
-
-    if plans is None:  # a one-off call (the optimizer checks devices when params are added)
-        devices = {p.device for grp in groups for p in grp.params}
-        if len(devices) > 1:
-            raise ValueError(f"SNGM needs every param on one device, got {sorted(map(str, devices))}")
-
-    return fused_step(groups, ops, per_tensor=norm == "tensor", skipped_steps=skipped_steps,
-                      plans=plans if plans is not None else PlanCache(), reduce_sumsq=reduce_sumsq,
-                      grad_scale=grad_scale, found_inf=found_inf, device=device,
-                      last_device=last_device, backward_sums=backward_sums)
+    stepper = Stepper(backend=backend, norm=norm)
+    stepper.skipped, stepper.counter_moves = skipped_steps, False  # the caller's counter
+    stepper.step(groups, [grp.params for grp in groups], grad_scale=grad_scale,
+                 found_inf=found_inf, reduce_sumsq=reduce_sumsq)
+    return stepper.grad_norm
 
 
 def sngm(
@@ -106,9 +65,10 @@ def sngm(
 ) -> Tensor:
     """Functional SNGM over one list of params (``torch.optim.sgd.sgd``'s counterpart).
 
-    ``momentum_buffers`` is updated in place: None entries become the new buffers.
+    ``momentum_buffers`` is updated in place: None entries become the new buffers. A tensor
+    ``lr`` on a device is read there by the kernels: no host sync.
     """
-    check_hyperparameters(lr, momentum, weight_decay, nesterov)
+    check_hyperparameters(lr, momentum, weight_decay, nesterov, read_device_tensor=False)
     grp = TensorGroup(
         list(params), list(grads), momentum_buffers,
         lr.reshape(()) if isinstance(lr, Tensor) else float(lr), float(momentum),

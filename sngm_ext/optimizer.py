@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from operator import is_
 from typing import Any, Dict, List, Optional, Union
 
 import torch
@@ -10,9 +9,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._group import TensorGroup, check_hyperparameters
-from .backends import BACKENDS, resolve_backend
-from .functional import _check_norm, sngm_groups
-from .layout import PlanCache
+from .backends import BACKENDS
+from .prepare import buffer_for
+from .stepper import Stepper, check_norm
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16,
                     torch.complex64, torch.complex128)  # complex: stepped as real views
@@ -130,47 +129,53 @@ class SNGM(Optimizer):
                 "differentiable=True is not supported: SNGM's step (a global norm and fused "
                 "in-place kernels) is not differentiable through; use differentiable=False"
             )
-        _check_norm(norm)
+        check_norm(norm)
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r} (must be one of {BACKENDS})")
-        self.backend, self._require_fused = _backend_from_flags(backend, foreach, fused)
-        if self.backend == "reference" and norm_in_backward:
+        backend, require_fused = _backend_from_flags(backend, foreach, fused)
+        if backend == "reference" and norm_in_backward:
             raise ValueError("norm_in_backward=True needs a fused backend; the 'reference' backend "
                              "computes the norm in the step")
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
             maximize=maximize,
         )
-        self.norm = norm
-        self.norm_in_backward = bool(norm_in_backward)
-        self.process_group = process_group
         self.foreach, self.fused = foreach, fused
-        self._init_runtime()
+        self._init_runtime(dict(norm=norm, backend=backend, norm_in_backward=bool(norm_in_backward),
+                                process_group=process_group, require_fused=require_fused))
         super().__init__(params, defaults)
+        self._register_hooks()
 
-    def _init_runtime(self) -> None:
-        """What a step builds and keeps that is not state: caches, hooks, the counters."""
-        self._dist = None  # distributed.DistPlan of the current params, None when single-process
-        self._dist_key: Optional[tuple] = None
-        self._plans = PlanCache()  # chunk tables, by layout (layout.py)
-        self._sums = None  # backward_sums.BackwardSums under norm_in_backward
-        if self.norm_in_backward:
-            from .backward_sums import BackwardSums
-
-            self._sums = BackwardSums(None, self._group_sums_hyper)
-        self.grad_norm: Optional[Tensor] = None
-        self._skipped: Optional[Tensor] = None
+    def _init_runtime(self, settings: Dict[str, Any]) -> None:
+        """The step machinery (stepper.py) for these settings, and this class's dict hooks."""
+        self._settings = dict(settings)
+        self._stepper = Stepper(
+            backend=settings["backend"], require_fused=settings["require_fused"],
+            norm=settings["norm"], process_group=settings["process_group"],
+            backward_sums_hyper=self._group_sums_hyper if settings["norm_in_backward"] else None,
+        )
         self._complex_groups: set = set()  # id() of the groups with complex params
+        self._loading = None  # what load_state_dict restores should the loaded dict be refused
 
-    # The settings that are not torch.optim.Optimizer's (which pickles only defaults, state and
-    # param_groups): they travel through deepcopy, pickle and torch.save(opt) too.
-    _SETTINGS = ("norm", "backend", "norm_in_backward", "process_group", "foreach", "fused",
-                 "_require_fused")
+    def _register_hooks(self) -> None:
+        # First of the hooks, so that users' hooks see the dicts as state_dict() returns them.
+        self.register_state_dict_post_hook(SNGM._sgd_format, prepend=True)
+        self.register_load_state_dict_post_hook(SNGM._after_load, prepend=True)
+
+    # Settings are fixed at construction (the step machinery is built for them): read-only.
+    norm = property(lambda self: self._settings["norm"])
+    backend = property(lambda self: self._settings["backend"])
+    norm_in_backward = property(lambda self: self._settings["norm_in_backward"])
+    process_group = property(lambda self: self._settings["process_group"])
+    _require_fused = property(lambda self: self._settings["require_fused"])
+    _sums = property(lambda self: self._stepper.sums)
 
     def __getstate__(self) -> Dict[str, Any]:
+        # torch.optim.Optimizer pickles only defaults, state and param_groups; SNGM's settings and
+        # counter travel too (pickle, deepcopy, torch.save(opt)).
         state = super().__getstate__()
-        state["sngm"] = {k: getattr(self, k) for k in self._SETTINGS}
-        state["sngm"]["skipped_steps"] = self._skipped
+        state["sngm"] = dict(self._settings, foreach=self.foreach, fused=self.fused,
+                             skipped_steps=self._stepper.skipped)
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -183,18 +188,22 @@ class SNGM(Optimizer):
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
             group.setdefault("weight_decay", 0.0)
-            group.setdefault("momentum", 0.0)  # SGD's default (SNGM's own groups always have it)
         if settings is not None:  # a whole optimizer: pickle, deepcopy
             skipped = settings.pop("skipped_steps", None)
-            for k, v in settings.items():
-                setattr(self, k, v)
-            self._init_runtime()
-            self._skipped = skipped
+            self.foreach, self.fused = settings.pop("foreach", None), settings.pop("fused", None)
+            self._init_runtime(settings)
+            self._register_hooks()
+            self._stepper.skipped = skipped
             if self._sums is not None:
                 for group in self.param_groups:
                     self._sums.attach(group["params"])
         self._complex_groups = {id(g) for g in self.param_groups
                                 if any(p.is_complex() for p in g["params"])}
+
+    def __repr__(self) -> str:
+        head = f"{type(self).__name__} ("
+        return super().__repr__().replace(
+            head, f"{head}\nnorm: {self.norm}\nbackend: {self.backend}", 1)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """torch.optim.Optimizer's, refusing (and leaving the optimizer as it was) a group with a
@@ -216,8 +225,6 @@ class SNGM(Optimizer):
                     seen.add(id(p))
             for p in group["params"]:
                 self._check_param(p)
-            if any(p.is_complex() for p in group["params"]):
-                self._complex_groups.add(id(group))
             devices = {p.device for g in self.param_groups for p in g["params"]}
             if len(devices) > 1:
                 raise ValueError("SNGM needs every param on one device (one global norm), got "
@@ -226,23 +233,18 @@ class SNGM(Optimizer):
         except Exception:
             del self.param_groups[n_groups:]
             raise
+        if any(p.is_complex() for p in group["params"]):
+            self._complex_groups.add(id(group))
+        if group["params"]:
+            dist = self._stepper.dist
+            self._stepper.warm(dist.device if dist is not None and dist.dtensor
+                               else group["params"][0].device)
         if self._sums is not None:
             self._sums.attach(group["params"])
 
-    def _params_signature(self):
-        return tuple(tuple(map(id, g["params"])) for g in self.param_groups)
-
-    def _dist_plan(self, signature=None):
-        """What the step reduces across ranks (distributed.py); None for plain tensors and no
-        ``process_group`` (single process, DDP), where nothing is."""
-        key = (id(self.process_group), signature or self._params_signature())
-        if key != self._dist_key:
-            from .distributed import plan_for
-
-            self._dist = plan_for([p for g in self.param_groups for p in g["params"]],
-                                  self.process_group)
-            self._dist_key = key
-        return self._dist
+    def _dist_plan(self):
+        """What the step reduces across ranks (distributed.py); None for a single process."""
+        return self._stepper.dist_plan([g["params"] for g in self.param_groups])
 
     def _group_sums_hyper(self, group_index: int):
         group = self.param_groups[group_index]
@@ -254,16 +256,20 @@ class SNGM(Optimizer):
             raise ValueError(f"SNGM supports params of dtype {SUPPORTED_DTYPES}, got {p.dtype}")
 
     @property
+    def grad_norm(self) -> Optional[Tensor]:
+        """The last step's global gradient norm ``n``: an fp64 0-dim tensor on the params'
+        device (0 after a step in which no param had a grad; None before the first step)."""
+        return self._stepper.grad_norm
+
+    @property
     def skipped_steps(self) -> Optional[Tensor]:
         """Steps skipped for a non-finite norm: an int64 0-dim tensor on the params' device."""
-        return self._skipped
+        return self._stepper.skipped
 
     def _collect(self) -> List[TensorGroup]:
         """This step's tensors per group (grads None for params sitting out); changes nothing.
-
-        Dtype and complexity are checked at add_param_group; sparse grads, shapes and devices by
-        the functional step, before it writes anything.
-        """
+        Every tensor is checked by the step's preparation (prepare.py) before anything is
+        written."""
         groups = []
         state = self.state
         for group in self.param_groups:
@@ -286,24 +292,6 @@ class SNGM(Optimizer):
             ))
         return groups
 
-    def _device(self) -> torch.device:
-        for group in self.param_groups:
-            for p in group["params"]:
-                return p.device
-        if self._dist is not None:  # a ZeRO rank that holds no param still joins the all-reduce
-            return self._dist.device
-        return torch.device("cpu")
-
-    def _reducer(self, dist_plan, groups, fused: bool):
-        if dist_plan is None:
-            return None
-        order = None
-        if self.norm == "tensor" and dist_plan.per_tensor_reduce:
-            from .distributed import segment_order
-
-            order = segment_order(groups, fused)
-        return dist_plan.reducer(self.norm, order)
-
     @torch.no_grad()
     def step(self, closure=None):
         """One SNGM step (see the class docstring). Under ``torch.amp.GradScaler``, ``scaler.step``
@@ -313,80 +301,117 @@ class SNGM(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        groups = self._collect()
-        dist_plan = self._dist_plan()
-        if dist_plan is None and all(g is None for grp in groups for g in grp.grads):
-            return loss  # nothing to step, on any device (meta params included)
-        dtensor = dist_plan is not None and dist_plan.dtensor
-        run = dist_plan.localize(groups) if dtensor else groups  # FSDP2: the local shards
-        device = self._device()
-        if dtensor:
-            device = dist_plan.device
-        name, ops = resolve_backend(self.backend, device, self._require_fused)
-        last_device = device  # the counter lives where the params were at the last step
-        if self._skipped is None or self._skipped.device != device:
-            last_device = None
-            prev = self._skipped
-            self._skipped = torch.zeros((), dtype=torch.int64, device=device)
-            if prev is not None:
-                self._skipped.copy_(prev)
-        sums = None
-        if self._sums is not None and not dtensor and name != "reference":
-            sums = self._sums
-            sums.ops = ops
-        before = [list(g.momentum_buffers) for g in run]
-        grad_norm = sngm_groups(
-            run, norm=self.norm, backend=self.backend, skipped_steps=self._skipped,
-            reduce_sumsq=self._reducer(dist_plan, run, name != "reference"),
-            grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
-            plans=self._plans, last_device=last_device, backward_sums=sums,
-        )
-        state = self.state
-        for group, grp, rgrp, old_bufs in zip(self.param_groups, groups, run, before):
-            if not dtensor and grp.momentum != 0 and all(map(is_, rgrp.momentum_buffers, old_bufs)):
-                continue  # a steady loop: every buffer is the one already in state
-            for p, g, buf, old_buf in zip(group["params"], rgrp.grads, rgrp.momentum_buffers,
-                                          old_bufs):
-                if g is None:
-                    continue
-                if dtensor:  # grads stay FSDP's; momentum is a DTensor laid out like the param
-                    st = state[p]
-                    buf = dist_plan.wrap_state(p, buf, st.get("momentum_buffer"))
-                    if st.get("momentum_buffer", 0) is not buf:
-                        st["momentum_buffer"] = buf
-                    continue
-                # An identity compare: in a steady loop nothing is stored and no tensor is hashed
-                # (Tensor.__hash__ is Python code).
-                if buf is not old_buf or (buf is None and p not in state):
-                    if buf is not None and p.is_complex():
-                        buf = torch.view_as_complex(buf)  # SGD's format: the param's dtype
-                    state[p]["momentum_buffer"] = buf
-        self.grad_norm = grad_norm
+        run, prepared = self._stepper.step(
+            self._collect(), [g["params"] for g in self.param_groups],
+            grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None))
+        if prepared is not None:  # store the momentum buffers made or moved by this step
+            dist = self._stepper.dist
+            for gi, i in prepared.new_buffers:
+                p, buf = self.param_groups[gi]["params"][i], run[gi].momentum_buffers[i]
+                if dist is not None and dist.dtensor:  # momentum laid out like the param
+                    buf = dist.wrap_state(p, buf, self.state[p].get("momentum_buffer"))
+                elif p.is_complex():
+                    buf = torch.view_as_complex(buf)  # SGD's format: the param's dtype
+                self.state[p]["momentum_buffer"] = buf
         return loss
 
-    def state_dict(self) -> Dict[str, Any]:
-        sd = super().state_dict()
+    # ------------------------------------------------------------------ checkpoints
+
+    @staticmethod
+    def _sgd_format(opt: "SNGM", sd: Dict[str, Any]) -> Dict[str, Any]:
+        """state_dict() in torch.optim.SGD's format (its group keys, so SGD loads it) plus the
+        skipped-step counter."""
         for g in sd["param_groups"]:
             for k, v in _SGD_ONLY_KEYS.items():
                 g.setdefault(k, v)
-        if self._skipped is not None:
-            sd["sngm"] = {"skipped_steps": self._skipped.clone()}
+        if opt._stepper.skipped is not None:
+            sd["sngm"] = {"skipped_steps": opt._stepper.skipped.clone()}
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("sngm", None)
-        groups = []
-        for g in state_dict["param_groups"]:
+        """torch.optim.Optimizer's, then every group and momentum buffer checked (_after_load); a
+        refused dict leaves the optimizer exactly as it was."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"SNGM.load_state_dict needs a dict, got {type(state_dict).__name__}")
+        self._loading = (self.state, self.param_groups, self._stepper.skipped,
+                         state_dict.get("sngm"))
+        try:
+            super().load_state_dict(state_dict)
+        except Exception:
+            self._restore()
+            raise
+        finally:
+            self._loading = None
+
+    def _restore(self) -> None:
+        if self._loading is not None:
+            self.state, self.param_groups, self._stepper.skipped, _ = self._loading
+
+    @staticmethod
+    def _after_load(opt: "SNGM") -> None:
+        """The first load post hook: SGD's extra keys dropped, each group and buffer checked, the
+        counter loaded; anything refused raises (and load_state_dict restores what was there)."""
+        if opt._loading is None:
+            return  # Optimizer.load_state_dict called on us directly: nothing to restore to
+        extra = opt._loading[3]
+        for g in opt.param_groups:
+            for k in ("lr", "momentum"):
+                if k not in g:
+                    raise ValueError(f"cannot load a param group without {k!r}: {sorted(g)}")
             if g.get("dampening", 0):
                 raise ValueError(
                     f"cannot load an SGD state with dampening={g['dampening']}: SNGM has no dampening"
                 )
-            groups.append({k: v for k, v in g.items() if k not in _SGD_ONLY_KEYS})
-        for g in groups:
-            check_hyperparameters(g["lr"], g.get("momentum", 0.0), g.get("weight_decay", 0.0),
-                                  g.get("nesterov", False))
-        state_dict["param_groups"] = groups
-        super().load_state_dict(state_dict)
+            for k in _SGD_ONLY_KEYS:
+                g.pop(k, None)
+            check_hyperparameters(g["lr"], g["momentum"], g["weight_decay"], g["nesterov"])
+            for p in g["params"]:
+                buf = opt.state.get(p, {}).get("momentum_buffer") if p in opt.state else None
+                if buf is not None:
+                    _check_loaded_buffer(p, buf)
+        skipped = opt._loading[2]
         if extra is not None:
-            self._skipped = extra["skipped_steps"].to(self._device()).clone()
+            skipped = _loaded_counter(extra)
+            device = next((p.device for g in opt.param_groups for p in g["params"]), None)
+            if device is not None and device.type != "meta":
+                skipped = skipped.to(device)
+        opt._stepper.skipped = skipped
+        opt._complex_groups = {id(g) for g in opt.param_groups
+                               if any(p.is_complex() for p in g["params"])}
+
+
+def _check_loaded_buffer(p: Tensor, buf) -> None:
+    """A loaded momentum buffer SNGM can step with: a finite floating tensor of p's shape (a
+    DTensor param's may be its local shard)."""
+    from .distributed import is_dtensor, local_tensor
+
+    if is_dtensor(p) and isinstance(buf, Tensor) and not is_dtensor(buf) \
+            and buf.shape == local_tensor(p).shape:
+        checked = buf
+    else:
+        checked = buffer_for(p, buf) if not is_dtensor(p) else buf
+        if is_dtensor(p) and (not isinstance(buf, Tensor) or buf.shape != p.shape):
+            raise ValueError(f"SNGM: a momentum buffer of {getattr(buf, 'shape', buf)!r} for a "
+                             f"param of shape {tuple(p.shape)}")
+    values = local_tensor(checked)
+    if values.device.type != "meta" and values.numel() and not bool(torch.isfinite(values).all()):
+        raise ValueError(f"SNGM: the momentum buffer of a param of shape {tuple(p.shape)} holds "
+                         "NaN or Inf values (a step would write them into the param)")
+
+
+def _loaded_counter(extra) -> Tensor:
+    """The ``"sngm"`` entry's skipped-step count as an int64 0-dim tensor, or ValueError."""
+    if not isinstance(extra, dict) or "skipped_steps" not in extra:
+        raise ValueError(f"cannot load an 'sngm' entry without 'skipped_steps': {extra!r}")
+    v = extra["skipped_steps"]
+    if isinstance(v, Tensor):
+        if v.numel() != 1 or v.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
+            raise ValueError(f"'sngm' skipped_steps must be one integer, got {v.numel()} x {v.dtype}")
+        v = v.reshape(()).to(torch.int64)
+    elif isinstance(v, int) and not isinstance(v, bool):
+        v = torch.tensor(v, dtype=torch.int64)
+    else:
+        raise ValueError(f"'sngm' skipped_steps must be one integer, got {v!r}")
+    if int(v) < 0:
+        raise ValueError(f"'sngm' skipped_steps must be >= 0, got {int(v)}")
+    return v.clone()

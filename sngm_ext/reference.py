@@ -25,7 +25,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._group import TensorGroup, compute_dtype, present
+from ._group import TensorGroup, compute_dtype
+from .prepare import Prepared
 
 
 def _direction(grad: Tensor, param: Tensor, weight_decay: float, maximize: bool,
@@ -46,6 +47,7 @@ def _safe_inverse(n: Tensor) -> Tensor:
 
 
 def sngm_reference(
+    prepared: Prepared,
     groups: Sequence[TensorGroup],
     *,
     norm: str = "global",
@@ -54,20 +56,21 @@ def sngm_reference(
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
 ) -> Tensor:
-    """Apply one SNGM step in place; returns the global gradient norm (fp64 0-dim, on device).
+    """Apply one SNGM step in place over ``prepared`` (prepare.py: checked, momentum buffers
+    made); returns the global gradient norm (fp64 0-dim, on device).
 
-    ``reduce_sumsq`` sees the fp64 sums of squares, [total] or [total, one per tensor], before they
-    are used (the fused backends hand the same vector to the same hook). ``skipped_steps`` (int64
-    0-dim) grows by one when the step is skipped.
+    ``reduce_sumsq`` sees the fp64 sums of squares, [total] or [total, one per tensor in the
+    lists' order], before they are used (the fused backends hand the same vector to the same
+    hook). ``skipped_steps`` (int64 0-dim) grows by one when the step is skipped.
     """
-    ds: List[List[Tuple[int, Tensor]]] = [
-        [(i, _direction(g, p, grp.weight_decay, grp.maximize, grad_scale))
-         for i, p, g in present(grp)]
-        for grp in groups
-    ]
-    flat = [d for dl in ds for _, d in dl]
-    device = _device_of(groups)
-    sq = [d.double().square().sum() for d in flat]
+    device = prepared.device or torch.device("cpu")
+    work: List[Tuple[TensorGroup, Tensor, Tensor, Optional[Tensor]]] = []  # (group, p, d, u)
+    for lst in prepared.lists:
+        grp = groups[lst.group_index]
+        bufs = lst.bufs or [None] * len(lst.params)
+        for p, g, u in zip(lst.params, lst.grads, bufs):
+            work.append((grp, p, _direction(g, p, grp.weight_decay, grp.maximize, grad_scale), u))
+    sq = [d.double().square().sum() for _, _, d, _ in work]
     total = torch.stack(sq).sum() if sq else torch.zeros((), dtype=torch.float64, device=device)
     if found_inf is not None:
         total = torch.where(found_inf.to(device) != 0, float("inf"), total)
@@ -76,28 +79,18 @@ def sngm_reference(
         reduce_sumsq(sumsq)
     finite = torch.isfinite(sumsq[0])
 
-    k = 0
-    for grp, dl in zip(groups, ds):
-        for i, d in dl:
-            k += 1
-            inv = _safe_inverse(sumsq[k if norm == "tensor" else 0].sqrt())
-            nd = (d.double() * inv).to(d.dtype)
-            p, buf = grp.params[i], grp.momentum_buffers[i]
-            if grp.momentum != 0:
-                u = grp.momentum * buf.to(d.dtype) + nd
-                step = nd + grp.momentum * u if grp.nesterov else u
-                buf.copy_(torch.where(finite, u.to(buf.dtype), buf))
-            else:
-                step = nd
-            w = p.to(d.dtype) - grp.lr * step
-            p.copy_(torch.where(finite, w.to(p.dtype), p))
+    for k, (grp, p, d, buf) in enumerate(work, start=1):
+        inv = _safe_inverse(sumsq[k if norm == "tensor" else 0].sqrt())
+        nd = (d.double() * inv).to(d.dtype)
+        if grp.momentum != 0:
+            u = grp.momentum * buf.to(d.dtype) + nd
+            step = nd + grp.momentum * u if grp.nesterov else u
+            buf.copy_(torch.where(finite, u.to(buf.dtype), buf))
+        else:
+            step = nd
+        w = p.to(d.dtype) - grp.lr * step
+        p.copy_(torch.where(finite, w.to(p.dtype), p))
+    prepared.write_back()
     if skipped_steps is not None:
         skipped_steps.add_((~finite).to(skipped_steps.dtype))
     return sumsq[0].sqrt()
-
-
-def _device_of(groups: Sequence[TensorGroup]) -> torch.device:
-    for grp in groups:
-        for p in grp.params:
-            return p.device
-    return torch.device("cpu")
