@@ -1,43 +1,38 @@
-r"""One global norm across ranks and shards: DDP, ZeroRedundancyOptimizer, FSDP2 (DTensor params).
+r"""One global norm across ranks and shards: every element of the model counted exactly once.
 
-SNGM divides by the norm of the WHOLE gradient. What each rank holds decides what has to be reduced:
+SNGM divides by the norm of the WHOLE gradient, whatever part of it each rank holds. What the
+step reduces follows from the params and ``process_group`` (docs/distributed.md has the table of
+setups, with an example for each):
 
-* **DDP** (and any data-parallel wrapper that averages grads before ``step()``): every rank holds
-  the full gradient, so the local norm *is* the global one. Nothing to do, no collective: build
-  ``SNGM`` with no ``process_group`` (passing one here would be wrong: it would add up W identical
-  sums of squares and divide every update by ``sqrt(W)`` too much).
-* **FSDP2** (``fully_shard``) and other DTensor params: each rank holds a shard of every param and
-  of its grad. The process group is inferred from the params' ``device_mesh``: the group of each
-  mesh dim whose placement is ``Shard`` (for FSDP2 on a 1-D mesh, the mesh's one group; under HSDP,
-  the shard dim's group, the replicate dim needs nothing). The sums of squares, ``[total]`` or
-  ``[total, one per tensor]`` for ``norm="tensor"``, are all-reduced in ONE collective per step.
-* **ZeroRedundancyOptimizer**: every rank holds the full (DDP-averaged) gradient but steps only its
-  partition of the params, so the local sum of squares covers that partition alone and must be
-  summed over the ZeRO group. That group cannot be inferred (the params are plain tensors): give it
-  to ``SNGM(process_group=...)``. ``ZeroRedundancyOptimizer`` keeps a ``process_group`` keyword of
-  its own and does not pass it on; it forwards its other ``**defaults`` both to
-  ``optimizer_class(param_groups, **defaults)`` and into its own param groups (copied into the
-  local optimizer's groups on every step and written into ``state_dict()``, where a process group
-  cannot be pickled). So bind the group to the class::
+* **DTensor params** (FSDP2, tensor parallel, FSDP2 x TP, HSDP; any mix of ``Shard``,
+  ``_StridedShard`` and ``Replicate`` per param) and plain tensors beside them (a norm layer left
+  unparallelized): the placements say who holds what. Each rank weights its local sum of squares
+  of param ``p`` by ``1 / m_p``, ``m_p`` = the number of ranks of the mesh holding the same piece
+  (``|mesh| / pieces``; a plain tensor is held whole by every rank, ``m = |mesh|``); the weighted
+  sums are gathered over the mesh and added up. A plain tensor counted that way must be the same
+  on every rank: checked at the first step.
+* **Plain tensors, no process_group, several ranks**: DDP (every rank holds the full averaged
+  gradient: the local norm is the global one, nothing to reduce) or a partition (ZeRO, FSDP1,
+  DeepSpeed, a hand-made split: each rank holds a part) are indistinguishable from the params.
+  The first step gathers each rank's sum of squares once and refuses (before anything is
+  written) when they differ, naming ``process_group=``.
+* **Plain tensors and a process_group**: each rank holds its own part (whole tensors, or flat
+  shards); the total is summed over the group. Refused at the first step when every rank holds
+  the same gradient (DDP: the copies would be counted W times).
+* ``process_group="local"``: the rank's own norm, no collective and no check (ranks that train
+  different models on purpose, or DDP without the first step's check).
 
-      ZeroRedundancyOptimizer(params, optimizer_class=functools.partial(SNGM, process_group=pg),
-                              process_group=pg, lr=0.1, momentum=0.9)
-
-  With plain tensors and a ``process_group`` each rank is taken to hold *whole* tensors, so only
-  the total is all-reduced: per-tensor norms (``norm="tensor"``) are complete on their own rank.
-
-The collective is ``dist.all_reduce(sumsq, op=SUM, group=pg)`` on the device, between the two
-phases of the step (``reduce_sumsq`` in :func:`sngm_ext.functional.sngm_groups`): no ``.item()``,
-no host sync, no per-tensor collective. Every rank then sees the same total, so a non-finite one
-skips the step on every rank. A rank with no grad at all this step still joins the collective.
-
-DTensor params are stepped through their local tensors: the backends see plain tensors and update
-them in place (FSDP2 keeps owning their storage), and the momentum buffer kept in ``state[p]["momentum_buffer"]`` is a DTensor
-with the param's mesh and placements, so ``torch.distributed.checkpoint`` saves it sharded.
+The collective: the local fp64 vector is ``all_gather``-ed (one per group: one group, the world
+or the mesh's, in every usual set-up) and summed in rank order on every rank, so every rank ends
+with the same norm bit for bit, whatever the collective's own reduction order. It runs between
+the two phases of the step (``DistPlan.reducer``), on the device: no host sync, except on a step
+that runs a check (the first, and the first after the params change). Every rank sees the same
+gathered values, so every rank takes the same decision: all raise or none does.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -46,18 +41,32 @@ from torch import Tensor
 from ._group import TensorGroup
 from .layout import ACC_DTYPE
 
-__all__ = ["DistPlan", "plan_for", "is_dtensor", "local_tensor"]
+__all__ = ["DistPlan", "LOCAL", "plan_for", "is_dtensor", "local_tensor", "segment_order"]
+
+LOCAL = "local"  # process_group value: this rank's own norm, no collective, no check
+
+# Two ranks hold "the same" gradient when their fp64 sums of squares agree to this relative
+# tolerance. The squares of fp32 elements are exact in fp64 and all terms are >= 0, so summing the
+# same n squares in another order changes the sum by at most (n - 1) * 2^-53 relative (Higham,
+# Accuracy and Stability of Numerical Algorithms, 2nd ed., eq. (4.4)): 1.2e-7 for n = 2^30;
+# weight decay computed with or without an FMA moves each d by <= 2^-24 relative, its square by
+# <= 2^-23 (1.2e-7). A partition of a real model differs by O(1).
+_SAME_RTOL = 1e-6
 
 
-def _dtensor_type():
+def _dtensor_types():
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch built without distributed
-        return None
-    return DTensor
+        return None, None
+    try:
+        from torch.distributed.tensor.placement_types import _StridedShard
+    except ImportError:
+        _StridedShard = None
+    return DTensor, _StridedShard
 
 
-_DTENSOR = _dtensor_type()
+_DTENSOR, _STRIDED_SHARD = _dtensor_types()
 
 
 def is_dtensor(t) -> bool:
@@ -76,53 +85,81 @@ def local_tensor(t: Tensor) -> Tensor:
     return t
 
 
-def _ranks(group) -> Tuple[int, ...]:
-    import torch.distributed as dist
-
-    return tuple(dist.get_process_group_ranks(group))
-
-
-def _shard_groups(p: Tensor) -> Tuple[object, ...]:
-    """The process groups over which a DTensor param is sharded (one per ``Shard`` mesh dim)."""
-    mesh = p.device_mesh
-    groups = []
+def _pieces(p: Tensor) -> int:
+    """How many distinct pieces the ranks of ``p``'s mesh hold: the product of the sizes of the
+    mesh dims ``p`` is sharded over (``_StridedShard`` is FSDP2's shard of a TP shard)."""
+    mesh, n = p.device_mesh, 1
     for dim, pl in enumerate(p.placements):
-        if pl.is_shard() or type(pl).__name__ == "_StridedShard":  # (FSDP2 over TP: strided)
-            groups.append(mesh.get_group(dim))
+        if pl.is_shard() or (_STRIDED_SHARD is not None and isinstance(pl, _STRIDED_SHARD)):
+            n *= mesh.size(dim)
         elif not pl.is_replicate():
             raise ValueError(
                 f"SNGM cannot step a DTensor param with placement {pl} (placements "
-                f"{tuple(p.placements)}): params must be Shard or Replicate on every mesh dim"
+                f"{tuple(p.placements)}): a param must be Shard or Replicate on every mesh dim"
             )
-    return tuple(groups)
+    return n
 
 
-def _describe(key) -> str:
-    if key is None:
-        return "a plain tensor (no process group)"
-    if not key:
-        return "a replicated DTensor (no reduction)"
-    return "sharded over ranks " + " x ".join(str(list(r)) for r in key)
+def _mesh_ranks(mesh) -> frozenset:
+    return frozenset(mesh.mesh.flatten().tolist())
+
+
+def _is_fsdp1(p: Tensor) -> bool:
+    """A param flattened by FSDP1 (FullyShardedDataParallel): a FlatParameter or, with
+    use_orig_params=True, a view into one (torch.distributed.fsdp._common_utils.FSDP_FLATTENED)."""
+    return bool(getattr(p, "_fsdp_flattened", False))
+
+
+_RECIPE = (
+    "DeepSpeed ZeRO-1/2: process_group=<its data-parallel group> (dist.group.WORLD without model "
+    "parallelism); FSDP1 (FullyShardedDataParallel): process_group=fsdp_model.process_group; "
+    "ZeroRedundancyOptimizer: optimizer_class=functools.partial(SNGM, process_group=pg); a "
+    "hand-made partition: the group it is split over. Ranks that train different models on "
+    "purpose: process_group='local'. See docs/distributed.md"
+)
+
+
+_UNWIRED = (
+    "SNGM: these params' placements weight each tensor's sum of squares "
+    "(DistPlan.needs_per_tensor_sums), but the step produced only the total; nothing was written"
+)
 
 
 class DistPlan:
-    """What one optimizer's step must reduce, worked out once per set of params.
+    """What one optimizer's step reduces across ranks, worked out once per set of params.
 
-    ``groups``: the process groups to all-reduce the sums of squares over, in order (one for
-    FSDP2, DDP-with-ZeRO; several only for params sharded over several mesh dims); empty when
-    nothing needs reducing. ``dtensor``: the params are DTensors (stepped through their local
-    tensors). ``per_tensor_reduce``: with ``norm="tensor"`` the per-tensor sums are partial
-    (shards) and are reduced with the total; otherwise only the total is.
+    ``groups``: the process groups the local vector is gathered over, in order (one in every
+    usual set-up; the mesh's dims one after another when the mesh is not the whole world);
+    ``weights``: per param (all the optimizer's params, in group order), ``1 / m_p``, the inverse
+    of how many ranks of the groups hold the same piece of it, or None when they are all equal
+    (``uniform_weight``). ``needs_per_tensor_sums``: the weights differ, so the step must produce
+    per-tensor sums of squares whatever ``norm`` is (see :meth:`reducer`). ``check``: what the
+    next check step verifies (None once verified): ``"replicas"`` (every rank holds the same
+    gradient: DDP, or the plain tensors beside DTensors), ``"partition"`` (not every rank holds
+    the same one). ``reduce``: False when the step never needs the reduced values (DDP, after
+    its check). ``dtensor``: the params are DTensors (stepped through their local tensors).
+    ``per_tensor_reduce``: with ``norm="tensor"`` the per-tensor sums are partial (shards) and
+    are reduced too; with whole tensors per rank (ZeRO) only the total is.
     """
 
-    def __init__(self, groups, dtensor: bool, per_tensor_reduce: bool, acc_dtype, device,
-                 n_params: int):
+    def __init__(self, groups, *, dtensor: bool, per_tensor_reduce: bool, device, n_params: int,
+                 weights: Optional[List[float]] = None, uniform_weight: float = 1.0,
+                 check: Optional[str] = None, check_params: Optional[List[int]] = None,
+                 reduce: bool = True, fsdp1: bool = False):
         self.groups = tuple(groups)
         self.dtensor = dtensor
         self.per_tensor_reduce = per_tensor_reduce
-        self.acc_dtype = acc_dtype
         self.device = device
         self.n_params = n_params
+        self.acc_dtype = ACC_DTYPE
+        self.uniform_weight = uniform_weight
+        self.weights = (None if weights is None else
+                        torch.tensor(weights, dtype=ACC_DTYPE).to(device))
+        self.needs_per_tensor_sums = weights is not None
+        self.check = check
+        self.check_params = check_params  # the params whose sums the check compares (None: all)
+        self.reduce = reduce
+        self.fsdp1 = fsdp1
         self._index_cache: Dict[Tuple[int, ...], Tensor] = {}
 
     # ---------------------------------------------------------------- DTensor <-> local tensors
@@ -135,7 +172,7 @@ class DistPlan:
         for grp in groups:
             grads: List[Optional[Tensor]] = []
             for p, g in zip(grp.params, grp.grads):
-                if g is not None:
+                if g is not None and is_dtensor(p):
                     if not is_dtensor(g):
                         raise ValueError(
                             f"SNGM: a DTensor param of shape {tuple(p.shape)} has a grad of type "
@@ -150,10 +187,13 @@ class DistPlan:
                             "param's placements (a Partial grad is not reduced yet) before step()"
                         )
                     g = local_tensor(g)
+                elif g is not None and is_dtensor(g):
+                    raise ValueError(f"SNGM: a plain param of shape {tuple(p.shape)} has a "
+                                     "DTensor grad")
                 grads.append(g)
             bufs: List[Optional[Tensor]] = []
             for p, b in zip(grp.params, grp.momentum_buffers):
-                if b is not None and not is_dtensor(b):
+                if b is not None and is_dtensor(p) and not is_dtensor(b):
                     lp = local_tensor(p)
                     if b.shape != lp.shape:  # a plain tensor loaded from elsewhere: must be the shard
                         raise ValueError(
@@ -180,55 +220,166 @@ class DistPlan:
             buf, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
         )
 
-    # ---------------------------------------------------------------- the one collective
+    # ---------------------------------------------------------------- the reduction
 
-    def reducer(self, norm: str, segment_params: Optional[List[int]]) -> Optional[Callable]:
-        """The in-place ``reduce_sumsq`` for this step, or None when nothing needs reducing.
-
-        ``segment_params[k]`` is the index (among all the optimizer's params) of the param whose
-        sum of squares is ``sumsq[1 + k]`` (``norm="tensor"`` only). Ranks may hold different
-        grads (an unused param on one rank, no grad at all on another): per-tensor sums are then
-        scattered into a vector of one slot per param, the same on every rank, before the one
-        all-reduce; with every grad present, in order, the vector is reduced as it is.
-        """
-        if not self.groups:
-            return None
-        import torch.distributed as dist
-
-        groups, acc, device = self.groups, self.acc_dtype, self.device
-        per_tensor = norm == "tensor" and self.per_tensor_reduce
-
-        def all_reduce(t: Tensor) -> None:
-            """``t`` summed over the group(s) in place; ranks agree on dtype and device."""
-            if t.dtype == acc and t.device == device:
-                for g in groups:
-                    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=g)
-            else:  # sums made elsewhere (a rank without params makes them on the CPU, say)
-                u = t.to(device=device, dtype=acc)
-                all_reduce(u)
-                t.copy_(u)
-
-        if not per_tensor:
-            return lambda sumsq: all_reduce(sumsq[:1])  # in place: a view of sumsq
-
-        order = tuple(segment_params or ())
-        if order == tuple(range(self.n_params)):
-            return all_reduce
-
+    def _index(self, order: Tuple[int, ...]) -> Tensor:
+        """Positions of sumsq's entries in the full vector [total, one per param]."""
         idx = self._index_cache.get(order)
         if idx is None:
             if len(self._index_cache) > 64:
                 self._index_cache.clear()
-            idx = torch.tensor([0] + [1 + i for i in order], dtype=torch.int64).to(device)
+            idx = torch.tensor([0] + [1 + i for i in order], dtype=torch.int64).to(self.device)
             self._index_cache[order] = idx
-        n = self.n_params
+        return idx
 
-        def reduce_scattered(sumsq: Tensor) -> None:
-            full = torch.zeros(1 + n, dtype=acc, device=device)
-            full.index_copy_(0, idx, sumsq.to(device=device, dtype=acc))
-            all_reduce(full)
-            sumsq.copy_(full.index_select(0, idx))
-        return reduce_scattered
+    def reducer(self, norm: str, segment_params: Optional[List[int]]) -> Optional[Callable]:
+        """The in-place ``reduce_sumsq`` of this step, or None when it communicates nothing.
+
+        It receives the fp64 sums of squares, ``[total]`` or ``[total, one per present tensor]``
+        (``segment_params[k]``: the index among all params of the param behind ``sumsq[1 + k]``),
+        between the two phases of the step, before anything user-visible is written, and leaves
+        the global sums in place: the total in ``sumsq[0]``; with ``norm="tensor"`` each tensor's
+        own; with ``norm="global"`` and per-tensor entries (``needs_per_tensor_sums``) the total
+        in EVERY entry, so that an update that reads each tensor's entry uses the global norm.
+        """
+        if not self.groups or (not self.reduce and self.check is None):
+            return None
+        if norm == "tensor" and self.fsdp1 and not self.dtensor:
+            raise ValueError(
+                "SNGM: norm='tensor' under FSDP1 would normalize each flat shard, not each of "
+                "your params; use norm='global' (or FSDP2, whose params are DTensors)"
+            )
+        per_tensor_out = norm == "tensor" and self.per_tensor_reduce  # slots reduced one by one
+        uses_slots = self.needs_per_tensor_sums or per_tensor_out
+        order = tuple(segment_params) if segment_params is not None else None
+        if uses_slots and order is None:
+            raise RuntimeError(_UNWIRED)
+        check, plan = self.check, self
+        acc, device, n = ACC_DTYPE, self.device, self.n_params
+
+        def reduce_sumsq(sumsq: Tensor) -> None:
+            local = sumsq.to(device=device, dtype=acc)
+            full = per = None
+            if uses_slots:
+                if local.numel() != 1 + len(order):
+                    raise RuntimeError(_UNWIRED if local.numel() == 1 else
+                                       f"SNGM internal error: {local.numel()} sums of squares "
+                                       f"for {len(order)} tensors")
+                if order == tuple(range(n)):
+                    full = local
+                else:
+                    full = torch.zeros(1 + n, dtype=acc, device=device)
+                    full.index_copy_(0, plan._index(order), local)
+                per = full[1:]
+                if plan.weights is not None:
+                    per = per * plan.weights
+                elif plan.uniform_weight != 1.0:
+                    per = per * plan.uniform_weight
+            if plan.weights is not None:
+                # the kernels mark GradScaler's found_inf in the total alone: keep it
+                total = torch.where(torch.isfinite(local[0]), per.sum(), local[0]).reshape(1)
+            elif plan.uniform_weight != 1.0:
+                total = local[:1] * plan.uniform_weight
+            else:
+                total = local[:1]
+            # a check-only step (DDP) gathers the check's entries alone
+            cols = ([total, per] if per_tensor_out else [total]) if plan.reduce else []
+            n_sum = (1 + (n if per_tensor_out else 0)) if plan.reduce else 0
+            if check is not None:
+                cols.append(_check_column(local, full, plan.check_params))
+            reduced = _gather_sum(torch.cat(cols), plan.groups, n_sum, check is not None)
+            if check is not None:
+                plan._run_check(reduced[n_sum:])
+                if not plan.reduce:
+                    return
+            if per_tensor_out:
+                sumsq.copy_(reduced[:n_sum].index_select(0, plan._index(order)))
+            elif norm == "tensor":  # whole tensors per rank: their own sums are complete
+                sumsq[:1].copy_(reduced[:1])
+            else:
+                sumsq.copy_(reduced[0].expand_as(sumsq))
+
+        return reduce_sumsq
+
+    def _run_check(self, stats: Tensor) -> None:
+        """Decide on the gathered (max, min, non-finite count) of the checked sums: a host sync,
+        on check steps only. Every rank holds the same values, so all take the same decision."""
+        hi, lo, nonfinite = stats.tolist()
+        world = _world(self.groups)
+        same = hi - lo <= _SAME_RTOL * hi
+        if self.check == "replicas":
+            if 0 < nonfinite < world:
+                raise RuntimeError(
+                    f"SNGM: the gradient is NaN/Inf on {int(nonfinite)} of {world} ranks only, "
+                    "so the ranks hold different gradients: " + self._differ_advice()
+                    + "; nothing was written")
+            if nonfinite == world or hi == 0:
+                return  # cannot tell yet (a skipped step, or all-zero grads): check next step
+            if not same:
+                raise RuntimeError(
+                    f"SNGM: the ranks hold different gradients (local squared norms from {lo:.6g} "
+                    f"to {hi:.6g} across {world} ranks): " + self._differ_advice()
+                    + "; nothing was written")
+        else:  # "partition"
+            if nonfinite == world or (nonfinite == 0 and hi == 0):
+                return
+            if nonfinite == 0 and same and world > 1:
+                raise RuntimeError(
+                    f"SNGM: process_group was given, but all {world} of its ranks hold the same "
+                    f"gradient (local squared norm {hi:.6g} on each), as under DDP: summing the "
+                    f"copies would shrink every step by sqrt({world}). Leave process_group unset "
+                    "under DDP, FSDP1 NO_SHARD and DeepSpeed ZeRO stage 0; pass it only when each "
+                    "rank holds its own part of the gradient; nothing was written")
+        self.check = None
+
+    def _differ_advice(self) -> str:
+        if self.dtensor:
+            return ("a plain-tensor param beside DTensor params is counted once for the whole "
+                    "mesh, which needs its gradient to be the same on every rank. Make such "
+                    "params DTensors with the placements they really have (parallelize_module / "
+                    "distribute_module; e.g. SequenceParallel for norm layers in a sequence-"
+                    "parallel region), or reduce their grads before step()")
+        where = " (these are FSDP1 params)" if self.fsdp1 else ""
+        return ("each rank holds only part of the gradient" + where + ", so its own norm is not "
+                "the model's. Pass the group the gradient is split over as process_group=. "
+                + _RECIPE)
+
+
+def _check_column(local: Tensor, full: Optional[Tensor], check_params) -> Tensor:
+    """The checked sum, twice (for max and min) and its non-finiteness: [s, s, !finite(s)]."""
+    if check_params is None or full is None:
+        s = local[0]
+    else:
+        s = full[1:].index_select(0, check_params).sum()
+    bad = ~torch.isfinite(s)
+    s = torch.where(bad, torch.zeros_like(s), s)
+    return torch.stack([s, s, bad.to(s.dtype)])
+
+
+def _world(groups) -> int:
+    import torch.distributed as dist
+
+    return math.prod(dist.get_world_size(g) for g in groups)
+
+
+def _gather_sum(v: Tensor, groups, n_sum: int, with_check: bool) -> Tensor:
+    """``v`` gathered over each group in turn and combined in rank order: the first ``n_sum``
+    entries summed, then (max, min, sum) of the three check entries. The same operations on the
+    same gathered values on every rank: every rank ends with the same bits."""
+    import torch.distributed as dist
+
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    for g in groups:
+        out = v.new_empty(dist.get_world_size(g) * v.numel())
+        gather(out, v, group=g)
+        out = out.view(-1, v.numel())
+        parts = [out[:, :n_sum].sum(0)]
+        if with_check:
+            c = out[:, n_sum:]
+            parts += [c[:, 0].amax().reshape(1), c[:, 1].amin().reshape(1),
+                      c[:, 2].sum().reshape(1)]
+        v = torch.cat(parts)
+    return v
 
 
 def _fallback_device(group) -> torch.device:
@@ -244,56 +395,98 @@ def _fallback_device(group) -> torch.device:
     return torch.device("cpu")
 
 
+def _dtensor_plan(params: List[Tensor], process_group) -> DistPlan:
+    """DTensors (and plain tensors beside them): weights from the placements, groups from the
+    mesh that holds every param's mesh."""
+    import torch.distributed as dist
+
+    meshes = {}
+    for p in params:
+        if is_dtensor(p) and id(p.device_mesh) not in meshes:
+            meshes[id(p.device_mesh)] = (p.device_mesh, _mesh_ranks(p.device_mesh))
+    union = frozenset().union(*(r for _, r in meshes.values()))
+    big = next((m for m, r in meshes.values() if r == union), None)
+    types = {m.device_type for m, _ in meshes.values()}
+    if big is None or len(types) > 1:
+        raise ValueError(
+            "SNGM reduces the norm over ONE device mesh, but its DTensor params lie on meshes "
+            f"{sorted(sorted(r) for _, r in meshes.values())} ({sorted(types)}) and none holds "
+            "them all; build them from one mesh (slices of one init_device_mesh)"
+        )
+    size = len(union)
+    if process_group is not None:
+        want = frozenset(dist.get_process_group_ranks(process_group))
+        if want != union:
+            raise ValueError(
+                f"SNGM: process_group spans ranks {sorted(want)} but the DTensor params' mesh "
+                f"spans {sorted(union)}; leave process_group=None to use the params' mesh"
+            )
+        groups = [process_group]
+    elif size == dist.get_world_size():
+        groups = [dist.group.WORLD]
+    else:
+        groups = [big.get_group(d) for d in range(big.ndim)]
+    mult = [size // _pieces(p) if is_dtensor(p) else size for p in params]
+    plain = [i for i, p in enumerate(params) if not is_dtensor(p)]
+    uniform = len(set(mult)) <= 1
+    device = local_tensor(params[0]).device
+    plan = DistPlan(
+        groups, dtensor=True, per_tensor_reduce=True, device=device, n_params=len(params),
+        weights=None if uniform else [1.0 / m for m in mult],
+        uniform_weight=1.0 / mult[0] if uniform and mult else 1.0,
+        check="replicas" if plain else None, reduce=True,
+    )
+    if plain and not uniform:
+        plan.check_params = torch.tensor(plain, dtype=torch.int64).to(device)
+    return plan
+
+
 def plan_for(params: Sequence[Tensor], process_group=None) -> Optional[DistPlan]:
     """The :class:`DistPlan` of an optimizer over ``params`` (all its params, in group order).
 
-    None when nothing is distributed: plain tensors and no ``process_group`` (single process, DDP).
-    Raises ValueError for params on mixed process groups: one global norm needs one group.
+    None when nothing is distributed: a single process, or ``process_group="local"``. Raises
+    ValueError for what no reduction can make right (DTensors on unrelated meshes, a placement
+    other than Shard/Replicate, a process_group other than the params' mesh). Makes no
+    collective: the checks run at the first step.
     """
     params = list(params)
     has_dtensor = any(is_dtensor(p) for p in params)
-    if not has_dtensor and process_group is None:
+    if isinstance(process_group, str) or isinstance(process_group, bool):
+        if process_group != LOCAL:
+            raise ValueError(f"SNGM: process_group={process_group!r}: give a ProcessGroup, None "
+                             f"(inferred, checked at the first step) or {LOCAL!r}")
+        if has_dtensor:
+            raise ValueError("SNGM: process_group='local' with DTensor params: a shard's own "
+                             "norm is not a norm of anything; leave process_group=None")
         return None
     import torch.distributed as dist
 
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(
-            "SNGM: DTensor params or a process_group need torch.distributed to be initialized"
-        )
-    key0 = groups0 = None
-    for i, p in enumerate(params):
-        if is_dtensor(p):
-            groups = _shard_groups(p)
-            key = tuple(_ranks(g) for g in groups)
-        else:
-            groups, key = None, None
-        if i == 0:
-            key0, groups0 = key, groups
-        elif key != key0:
-            raise ValueError(
-                "SNGM needs every param on one process group (one global norm): param 0 is "
-                f"{_describe(key0)}, param {i} (shape {tuple(p.shape)}) is {_describe(key)}. "
-                "Shard them all the same way (one fully_shard mesh)"
+    initialized = dist.is_available() and dist.is_initialized()
+    if not initialized:
+        if has_dtensor or process_group is not None:
+            raise RuntimeError(
+                "SNGM: DTensor params or a process_group need torch.distributed to be initialized"
             )
-    acc = ACC_DTYPE
-    device = local_tensor(params[0]).device if params else _fallback_device(process_group)
-    n = len(params)
-    if not has_dtensor:  # ZeRO: whole tensors per rank, the total is summed over the group
-        return DistPlan([process_group], False, False, acc, device, n)
-    groups = list(groups0 or ())
-    if process_group is not None:
-        want = _ranks(process_group)
-        if len(groups) != 1 or _ranks(groups[0]) != want:
-            raise ValueError(
-                f"SNGM: process_group spans ranks {list(want)} but the DTensor params are "
-                f"{_describe(key0)}; leave process_group=None to use the params' mesh"
-            )
-        groups = [process_group]
-    return DistPlan(groups, True, True, acc, device, n)
+        return None
+    if has_dtensor:
+        return _dtensor_plan(params, process_group)
+    fsdp1 = any(_is_fsdp1(p) for p in params)
+    if process_group is None:
+        world = dist.get_world_size()
+        if world == 1:
+            return None
+        # DDP, or a partition: the first step tells (and refuses a partition)
+        device = params[0].device if params else _fallback_device(None)
+        return DistPlan([dist.group.WORLD], dtensor=False, per_tensor_reduce=False,
+                        device=device, n_params=len(params), check="replicas", reduce=False,
+                        fsdp1=fsdp1)
+    device = params[0].device if params else _fallback_device(process_group)
+    return DistPlan([process_group], dtensor=False, per_tensor_reduce=False, device=device,
+                    n_params=len(params), check="partition", reduce=True, fsdp1=fsdp1)
 
 
 def segment_order(groups: Sequence[TensorGroup], fused: bool) -> List[int]:
-    """For ``norm="tensor"``: the index, among all params in group order, of the param behind each
+    """For per-tensor sums: the index, among all params in group order, of the param behind each
     per-tensor sum of squares.
 
     The reference numbers the params that have a grad in group order; the fused backends number
