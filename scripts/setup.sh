@@ -15,6 +15,13 @@ $PY -m pip install -q --no-deps lightning==2.6.6 lightning-utilities==0.15.3 tor
   transformers==5.18.0 tokenizers==0.23.3 huggingface_hub==2.4.0 httpx2==2.16.2 httpcore2==2.16.2 \
   h11==0.16.0 truststore==0.10.5 regex requests certifi idna urllib3 charset_normalizer tqdm pyyaml \
   fsspec
+# DeepSpeed for the ZeRO-1/2 runs of tests/test_distributed.py (DS_ACCELERATOR=cpu, gloo), the
+# same way, with the modules it imports that the lines above do not install (pydantic and its
+# core are a matched pair). Its sdist builds against the torch installed here and compiles no op.
+$PY -m pip install -q --no-deps hjson==3.1.0 msgpack==1.2.4 einops==0.8.2 py-cpuinfo==9.0.0 \
+  packaging pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2 \
+  typing-extensions
+DS_ACCELERATOR=cpu DS_BUILD_OPS=0 $PY -m pip install -q --no-deps --no-build-isolation deepspeed==0.19.8
 # --no-build-isolation: build against the torch just installed, not a fresh multi-GB CUDA one.
 $PY -m pip install -q --no-build-isolation -e .
 # Headers and libraries of a CUDA build of torch for the CUDA compile/link check
