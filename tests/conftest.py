@@ -12,37 +12,19 @@ import pytest
 import torch
 
 import sngm_ext
+from kit import CPU_BACKENDS, backend_available
 
+# The names test_distributed.py imports from here (kit.py holds them now).
+_available = backend_available
 
-def _available(name):
-    try:
-        sngm_ext.resolve_backend(name, torch.device("cpu"))
-        return True
-    except sngm_ext.BackendUnavailable:
-        return False
-
-
-def import_tool(module: str):
-    """A tool the tests drive SNGM through (lightning, transformers, ...): the module, or skip the
-    calling test module where it is not installed; in CI (scripts/setup.sh installs them) a missing
-    one is an error."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        if os.environ.get("CI"):
-            raise RuntimeError(f"{module} must be installed in CI (scripts/setup.sh): {e}") from e
-        pytest.skip(f"{module} is not installed ({e})", allow_module_level=True)
-
-
-# Every backend that runs on CPU tensors here. Where the package has its native layer, the "cpu"
-# backend must build in CI (scripts/setup.sh builds it): there a missing one is a failure.
-CPU_BACKENDS = ["reference", "triton", "cpu"]
+# Where the package has its native layer, the "cpu" backend must build in CI (scripts/setup.sh
+# builds it): there a missing one is a failure.
 _HAS_NATIVE_LAYER = importlib.util.find_spec("sngm_ext.native") is not None
 
 
 def _usable(name):
     """The backend's name, or skip (fail in CI where it must exist)."""
-    if not _available(name):
+    if not backend_available(name):
         if os.environ.get("CI") and name == "cpu" and _HAS_NATIVE_LAYER:
             pytest.fail(f"backend {name!r} must be available in CI")
         pytest.skip(f"backend {name!r} is not available here")

@@ -2,40 +2,31 @@
 torch.compile(opt.step) with fullgraph=True, and what can be seen on CPU of a capturable step
 (nothing built or uploaded in a steady loop). Every backend that runs on CPU."""
 
+import functools
+
 import pytest
 import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
+from kit import Problem, Task, assert_equal, mlp, values
 from sngm_ext import SNGM
 
 
-def model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
-
-
-def loss_of(m, step):
-    g = torch.Generator().manual_seed(300 + step)
-    x, y = torch.randn(24, 12, generator=g), torch.randn(24, 3, generator=g)
-    return (m(x) - y).square().mean()
-
-
-def params_of(m):
-    return [p.detach().clone() for p in m.parameters()]
+P = Problem(functools.partial(mlp, (12, 32, 3)), Task((24, 12), (24, 3), seed=300))
 
 
 # ---------------------------------------------------------------- GradScaler
 
 
 def _train(backend, weight_decay, scaler, unscale=False, inf_at=3, steps=6, init_scale=2.0**14):
-    m = model()
+    m = P.model()
     opt = SNGM(m.parameters(), lr=0.05, momentum=0.9, weight_decay=weight_decay, backend=backend)
     sc = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=2) if scaler else None
     scales = []
     for t in range(steps):
         opt.zero_grad()
-        loss = loss_of(m, t)
+        loss = P.loss(m, t)
         if t == inf_at:
             loss = loss * float("inf")
         if sc is None:
@@ -49,7 +40,7 @@ def _train(backend, weight_decay, scaler, unscale=False, inf_at=3, steps=6, init
             sc.step(opt)
             sc.update()
             scales.append(sc.get_scale())
-    return params_of(m), opt, scales
+    return values(m), opt, scales
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
@@ -87,23 +78,19 @@ def test_compiled_step_is_one_graph_and_the_eager_step(backend, norm_in_backward
         pytest.skip("norm_in_backward needs a fused backend")
     runs = []
     for compiled in (False, True):
-        m = model()
+        m = P.model()
         opt = SNGM(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, backend=backend,
                    norm_in_backward=norm_in_backward)
         torch._dynamo.reset()
         counters.clear()
         step = torch.compile(opt.step, backend="aot_eager", fullgraph=True) if compiled \
             else opt.step
-        for t in range(4):
-            opt.zero_grad()
-            loss_of(m, t).backward()
-            step()
+        P.train(m, opt, 4, step=step)
         if compiled:
             assert sum(counters["graph_break"].values()) == 0
             assert counters["stats"]["unique_graphs"] <= 2
-        runs.append(params_of(m))
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+        runs.append(values(m))
+    assert_equal(*runs)
 
 
 # ---------------------------------------------------------------- capturable, as far as a CPU shows
@@ -116,7 +103,7 @@ def test_a_steady_loop_builds_and_uploads_nothing(fused_backend):
     in a steady loop), and a tensor lr changed in place is honoured."""
     from sngm_ext import layout
 
-    m = model()
+    m = P.model()
     lr = torch.tensor(0.05)
     opt = SNGM(m.parameters(), lr=lr, momentum=0.9, backend=fused_backend)
     built = []
@@ -125,12 +112,12 @@ def test_a_steady_loop_builds_and_uploads_nothing(fused_backend):
     try:
         for t in range(5):
             opt.zero_grad()
-            loss_of(m, t).backward()
-            before = params_of(m)
+            P.loss(m, t).backward()
+            before = values(m)
             lr.fill_(0.05 * (t + 1))
             opt.step()
             # the step moved the params by at most lr / (1 - momentum), lr as just set
-            moved = torch.cat([(a - b).flatten() for a, b in zip(params_of(m), before)]).norm()
+            moved = torch.cat([(a - b).flatten() for a, b in zip(values(m), before)]).norm()
             assert moved <= 0.05 * (t + 1) / (1 - 0.9) * (1 + 1e-5)
     finally:
         layout.make_plan = real

@@ -4,42 +4,29 @@ bf16 autocast) and must give bitwise what the same plain PyTorch loop gives; Lig
 checkpoint must carry SNGM's state and restore it exactly, and hold it in SGD's format.
 
 scripts/setup.sh installs lightning (--no-deps); without it these tests skip, except in CI. Every
-CPU backend (conftest's ``backend``).
+CPU backend (conftest's ``backend``); the problem is kit.py's, shared with test_hf_trainer.py.
 """
 
 import pytest
 import torch
-from conftest import import_tool
 
+from kit import import_tool, regression_data, trainer_net, trainer_opt
 from sngm_ext import SNGM
 
 L = import_tool("lightning")
 
-X = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
-Y = torch.randn(64, 2, generator=torch.Generator().manual_seed(1))
+X, Y = regression_data()
 BATCH = 16
-HYPER = dict(lr=0.05, momentum=0.9, weight_decay=1e-4)
 
 
 def _loader():
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=BATCH)
 
 
-def _net():
-    torch.manual_seed(2)
-    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
-
-
-def _make_opt(params, backend):
-    opt = SNGM(params, backend=backend, **HYPER)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.9 ** k)
-    return opt, sched
-
-
 class Module(L.LightningModule):
     def __init__(self, backend):
         super().__init__()
-        self.net = _net()
+        self.net = trainer_net()
         self.backend = backend
 
     def training_step(self, batch, i):
@@ -47,7 +34,7 @@ class Module(L.LightningModule):
         return torch.nn.functional.mse_loss(self.net(x), y)
 
     def configure_optimizers(self):
-        opt, sched = _make_opt(self.parameters(), self.backend)
+        opt, sched = trainer_opt(self.parameters(), self.backend)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -59,8 +46,8 @@ def _trainer(max_steps, **kw):
 
 def _plain_loop(backend, n_steps, accumulate=1, clip=None, bf16=False):
     """What Lightning's automatic optimization does, written out."""
-    net = _net()
-    opt, sched = _make_opt(net.parameters(), backend)
+    net = trainer_net()
+    opt, sched = trainer_opt(net.parameters(), backend)
     batches = [(X[i:i + BATCH], Y[i:i + BATCH]) for i in range(0, len(X), BATCH)]
     done, k = 0, 0
     while done < n_steps:
@@ -134,7 +121,7 @@ def test_checkpoint_restores_sngm_state(backend, tmp_path):
 
     # the file's optimizer state is SGD's format: torch.optim.SGD loads it as it is
     ckpt = torch.load(path, weights_only=False)
-    net = _net()
+    net = trainer_net()
     sgd = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     sgd.load_state_dict(ckpt["optimizer_states"][0])
     for p, (k, st) in zip(net.parameters(), sorted(saved["state"].items())):

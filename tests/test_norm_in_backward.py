@@ -8,21 +8,18 @@ import torch
 from torch import nn
 
 import sngm_ext.fused as fused
+from kit import Task, assert_equal, mlp, train, values
 from sngm_ext import SNGM
 
 
+TASK = Task((64, 37), (64, 5), seed=1000)
+
+
 def _model(dtype=torch.float32, unused=False):
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(37, 300), nn.Tanh(), nn.Linear(300, 21), nn.Tanh(), nn.Linear(21, 5))
+    m = mlp((37, 300, 21, 5))
     if unused:
         m.register_parameter("unused", nn.Parameter(torch.randn(3, 3)))  # never in the graph: grad None
     return m.to(dtype)
-
-
-def _loss(model, step, dtype):
-    g = torch.Generator().manual_seed(1000 + step)
-    x, y = torch.randn(64, 37, generator=g).to(dtype), torch.randn(64, 5, generator=g).to(dtype)
-    return (model(x) - y).square().mean()
 
 
 @pytest.fixture
@@ -54,23 +51,10 @@ def _train(backend, flag, steps=4, between=None, dtype=torch.float32, unused=Fal
     rest = [p for p in m.parameters() if all(p is not q for q in first)]
     groups = [dict(params=first, weight_decay=1e-2), dict(params=rest, nesterov=True)]
     opt = SNGM(groups, lr=0.05, momentum=0.9, backend=backend, norm_in_backward=flag, **kw)
-    norms = []
-    for t in range(steps):
-        opt.zero_grad(set_to_none=set_to_none)
-        for a in range(accumulate):
-            _loss(m, t * accumulate + a, dtype).backward()
-        if between is not None:
-            between(m, opt, t)
-        opt.step()
-        norms.append(opt.grad_norm.clone())
+    norms = train(m, opt, TASK.loss, steps, set_to_none=set_to_none, accumulate=accumulate,
+                  between=between)
     bufs = [opt.state[p]["momentum_buffer"].clone() for p in m.parameters() if p in opt.state]
-    return [p.detach().clone() for p in m.parameters()] + bufs + norms
-
-
-def _assert_same(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
+    return values(m) + bufs + norms
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
@@ -82,13 +66,13 @@ def test_bitwise_the_same_as_phase_one_in_the_step(fused_backend, step_sumsq, dt
     del step_sumsq[:]
     off = _train(fused_backend, False, dtype=dtype, norm=norm)
     assert step_sumsq == [2, 2, 2, 2]
-    _assert_same(on, off)
+    assert_equal(on, off)
 
 
 def test_gradient_accumulation_sums_again_after_each_backward(fused_backend, step_sumsq):
     on = _train(fused_backend, True, accumulate=3)
     assert step_sumsq == [2, 0, 0, 0]
-    _assert_same(on, _train(fused_backend, False, accumulate=3))
+    assert_equal(on, _train(fused_backend, False, accumulate=3))
 
 
 def _clip(m, opt, t):
@@ -123,18 +107,18 @@ def _grad_data_repointed(m, opt, t):  # what Module._apply does: no version bump
 def test_writes_after_backward_send_phase_one_back_to_the_step(fused_backend, step_sumsq, between):
     on = _train(fused_backend, True, between=between)
     assert step_sumsq[1:] and all(n >= 1 for n in step_sumsq[1:])
-    _assert_same(on, _train(fused_backend, False, between=between))
+    assert_equal(on, _train(fused_backend, False, between=between))
 
 
 def test_zero_grad_in_place_and_none_grads(fused_backend, step_sumsq):
     on = _train(fused_backend, True, set_to_none=False)
     # zero_() writes before backward; autograd then accumulates in place and the hook sums after
     assert step_sumsq == [2, 0, 0, 0]
-    _assert_same(on, _train(fused_backend, False, set_to_none=False))
+    assert_equal(on, _train(fused_backend, False, set_to_none=False))
     del step_sumsq[:]
     on = _train(fused_backend, True, unused=True)
     assert step_sumsq == [2, 0, 0, 0]  # a param that never has a grad is simply not in the lists
-    _assert_same(on, _train(fused_backend, False, unused=True))
+    assert_equal(on, _train(fused_backend, False, unused=True))
 
 
 def test_only_with_a_fused_backend():
@@ -148,7 +132,7 @@ def test_hooks_sum_grads_where_they_lie(fused_backend):
     opt = SNGM(m.parameters(), lr=0.05, backend=fused_backend, norm_in_backward=True)
     for t in range(3):
         opt.zero_grad()
-        _loss(m, t, torch.float32).backward()
+        TASK.loss(m, t).backward()
         grads = {p: (p.grad, p.grad.data_ptr()) for p in m.parameters()}
         opt.step()
         assert all(p.grad is g and p.grad.data_ptr() == ptr for p, (g, ptr) in grads.items())
@@ -166,7 +150,7 @@ def _train_amp(backend, flag, weight_decay, unscale=False, inf_at=None, steps=5,
     norms = []
     for t in range(steps):
         opt.zero_grad()
-        loss = _loss(m, t, torch.float32)
+        loss = TASK.loss(m, t)
         if t == inf_at:
             loss = loss * float("inf")  # every grad non-finite
         if sc is None:
@@ -180,7 +164,7 @@ def _train_amp(backend, flag, weight_decay, unscale=False, inf_at=None, steps=5,
             sc.step(opt)
             sc.update()
         norms.append(opt.grad_norm.clone())
-    return [p.detach().clone() for p in m.parameters()], norms, opt, sc
+    return values(m), norms, opt, sc
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
@@ -193,7 +177,7 @@ def test_real_grad_scaler(fused_backend, step_sumsq, weight_decay, unscale):
     served = step_sumsq[1:]
     del step_sumsq[:]
     off, off_norms, _, _ = _train_amp(fused_backend, False, weight_decay, unscale, inf_at=2)
-    _assert_same(on + on_norms[:2] + on_norms[3:], off + off_norms[:2] + off_norms[3:])
+    assert_equal(on + on_norms[:2] + on_norms[3:], off + off_norms[:2] + off_norms[3:])
     assert opt.skipped_steps.item() == 1 and sc.get_scale() == 2.0**12 * 0.5
     if weight_decay == 0 and not unscale:
         assert served == [0, 0, 0, 0]  # the inf step too: found_inf skips it on the device
@@ -221,13 +205,13 @@ def test_model_double_after_steps(fused_backend, step_sumsq):
             if t == 2:
                 m.double()
             opt.zero_grad()
-            _loss(m, t, torch.float64 if t >= 2 else torch.float32).backward()
+            TASK.loss(m, t).backward()
             opt.step()
         assert all(opt.state[p]["momentum_buffer"].dtype == torch.float64 for p in m.parameters())
-        return [p.detach().clone() for p in m.parameters()]
+        return values(m)
     on = go(True)
     assert step_sumsq == [1, 0, 1, 0]
-    _assert_same(on, go(False))
+    assert_equal(on, go(False))
 
 
 def test_compiled_step(fused_backend):
@@ -240,8 +224,8 @@ def test_compiled_step(fused_backend):
         step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
         for t in range(3):
             opt.zero_grad()
-            _loss(m, t, torch.float32).backward()
+            TASK.loss(m, t).backward()
             step()
-        return [p.detach().clone() for p in m.parameters()]
+        return values(m)
     torch._dynamo.reset()
-    _assert_same(go(True, True), go(False, False))
+    assert_equal(go(True, True), go(False, False))

@@ -1,6 +1,7 @@
 """The optimizer as users drive it: API, errors that change nothing, checkpoints, view breakage."""
 
 import copy
+import functools
 import os
 import subprocess
 import sys
@@ -9,53 +10,11 @@ import pytest
 import torch
 
 import sngm_ext
+from kit import Problem, Task, assert_close, assert_same, mlp, snapshot
 from sngm_ext import SNGM
 
 
-def assert_close(actual, expected, dtype):
-    """Close to a reference run of the same training: a few ulps at the tensor's scale (both
-    compute every element alike; only the norm's summation order differs, scenarios.py)."""
-    tol = 16 * torch.finfo(dtype).eps
-    scale = expected.detach().abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(actual.detach(), expected.detach(), rtol=tol, atol=tol * scale)
-
-
-def model(seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(
-        torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)
-    ).to(dtype)
-
-
-def batch(step, dtype=torch.float32):
-    g = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(32, 8, generator=g).to(dtype), torch.randint(0, 3, (32,), generator=g)
-
-
-def train(m, opt, steps, start=0, set_to_none=True):
-    for s in range(start, start + steps):
-        x, y = batch(s)
-        opt.zero_grad(set_to_none=set_to_none)
-        torch.nn.functional.cross_entropy(m(x), y).backward()
-        opt.step()
-
-
-def snapshot(m, opt):
-    params = [p.detach().clone() for p in m.parameters()]
-    state = {k: {kk: (vv.clone() if torch.is_tensor(vv) else vv) for kk, vv in v.items()}
-             for k, v in opt.state_dict()["state"].items()}
-    return params, state
-
-
-def assert_same(a, b):
-    (pa, sa), (pb, sb) = a, b
-    for x, y in zip(pa, pb):
-        assert torch.equal(x, y)
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        for kk in sa[k]:
-            x, y = sa[k][kk], sb[k][kk]
-            assert (x is None and y is None) or torch.equal(x, y)
+P = Problem(functools.partial(mlp, (8, 16, 3), act=torch.nn.ReLU), Task((32, 8), 3, seed=1000))
 
 
 # ---------------------------------------------------------------- hyper-parameters
@@ -81,7 +40,7 @@ def assert_same(a, b):
 )
 def test_bad_hyperparameters_are_refused_by_name(kwargs, name):
     with pytest.raises(ValueError, match=name):
-        SNGM(model().parameters(), **{"lr": 0.1, **kwargs})
+        SNGM(P.model().parameters(), **{"lr": 0.1, **kwargs})
 
 
 def test_unsupported_param_dtypes_are_refused():
@@ -104,11 +63,11 @@ def test_params_on_several_devices_are_refused():
 
 
 def test_sparse_grad_is_refused_and_changes_nothing(backend):
-    m = model()
+    m = P.model()
     opt = SNGM(m.parameters(), lr=0.1, backend=backend)
-    train(m, opt, 2)
+    P.train(m, opt, 2)
     before = snapshot(m, opt)
-    x, y = batch(5)
+    x, y = P.batch(5)
     torch.nn.functional.cross_entropy(m(x), y).backward()
     ps = list(m.parameters())
     ps[-1].grad = ps[-1].grad.to_sparse()
@@ -120,12 +79,12 @@ def test_sparse_grad_is_refused_and_changes_nothing(backend):
 @pytest.mark.parametrize("key, value", [("momentum", 1.5), ("lr", float("inf")),
                                         ("weight_decay", float("nan"))])
 def test_bad_group_value_set_later_is_refused_and_changes_nothing(backend, key, value):
-    m = model()
+    m = P.model()
     opt = SNGM(m.parameters(), lr=0.1, backend=backend)
-    train(m, opt, 2)
+    P.train(m, opt, 2)
     before = snapshot(m, opt)
     opt.param_groups[0][key] = value
-    x, y = batch(5)
+    x, y = P.batch(5)
     torch.nn.functional.cross_entropy(m(x), y).backward()
     with pytest.raises(ValueError, match=key):
         opt.step()
@@ -137,11 +96,11 @@ def test_bad_group_value_set_later_is_refused_and_changes_nothing(backend, key, 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_gradient_skips_the_step_on_device(backend, bad):
-    m = model()
+    m = P.model()
     opt = SNGM(m.parameters(), lr=0.1, weight_decay=1e-4, backend=backend)
-    train(m, opt, 2)
+    P.train(m, opt, 2)
     before = snapshot(m, opt)
-    x, y = batch(7)
+    x, y = P.batch(7)
     opt.zero_grad()
     torch.nn.functional.cross_entropy(m(x), y).backward()
     next(m.parameters()).grad[0, 0] = bad
@@ -149,7 +108,7 @@ def test_non_finite_gradient_skips_the_step_on_device(backend, bad):
     assert_same(before, snapshot(m, opt))
     assert opt.skipped_steps.item() == 1
     assert not torch.isfinite(opt.grad_norm)
-    train(m, opt, 1, start=8)  # and training goes on
+    P.train(m, opt, 1, start=8)  # and training goes on
     assert opt.skipped_steps.item() == 1 and torch.isfinite(opt.grad_norm)
 
 
@@ -197,10 +156,10 @@ class _NoSync:
 
 
 def test_step_reads_nothing_back_to_the_host(backend):
-    m = model()
+    m = P.model()
     opt = SNGM(m.parameters(), lr=0.1, backend=backend)
-    train(m, opt, 1)  # the first step builds the tables and the momentum buffers
-    x, y = batch(3)
+    P.train(m, opt, 1)  # the first step builds the tables and the momentum buffers
+    x, y = P.batch(3)
     opt.zero_grad()
     torch.nn.functional.cross_entropy(m(x), y).backward()
     with _NoSync():
@@ -212,37 +171,37 @@ def test_step_reads_nothing_back_to_the_host(backend):
 
 
 def test_state_dict_round_trip_continues_exactly(backend):
-    m = model()
+    m = P.model()
     opt = SNGM(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, backend=backend)
-    train(m, opt, 3)
+    P.train(m, opt, 3)
     saved_model = copy.deepcopy(m.state_dict())
     saved_opt = copy.deepcopy(opt.state_dict())
-    train(m, opt, 3, start=3)
+    P.train(m, opt, 3, start=3)
     straight = snapshot(m, opt)
 
-    m2 = model(seed=1)
+    m2 = P.model(seed=1)
     m2.load_state_dict(saved_model)
     opt2 = SNGM(m2.parameters(), lr=0.5, momentum=0.5, backend=backend)
     opt2.load_state_dict(saved_opt)
     assert opt2.param_groups[0]["lr"] == 0.1
-    train(m2, opt2, 3, start=3)
+    P.train(m2, opt2, 3, start=3)
     assert_same(straight, snapshot(m2, opt2))
 
 
 def test_sngm_checkpoint_loads_into_sgd_and_back(backend):
-    m = model()
+    m = P.model()
     opt = SNGM(m.parameters(), lr=0.1, momentum=0.9, backend=backend)
-    train(m, opt, 2)
+    P.train(m, opt, 2)
     sgd = torch.optim.SGD(m.parameters(), lr=1.0)
     sgd.load_state_dict(opt.state_dict())
     for p in m.parameters():
         assert torch.equal(sgd.state[p]["momentum_buffer"], opt.state[p]["momentum_buffer"])
-    train(m, sgd, 1, start=2)  # SGD runs on it
+    P.train(m, sgd, 1, start=2)  # SGD runs on it
 
     sngm = SNGM(m.parameters(), lr=0.3, backend=backend)
     sngm.load_state_dict(sgd.state_dict())
     bufs = {p: sgd.state[p]["momentum_buffer"].clone() for p in m.parameters()}
-    x, y = batch(9)
+    x, y = P.batch(9)
     sngm.zero_grad()
     torch.nn.functional.cross_entropy(m(x), y).backward()
     grads = {p: p.grad.clone() for p in m.parameters()}
@@ -256,9 +215,9 @@ def test_sngm_checkpoint_loads_into_sgd_and_back(backend):
 
 
 def test_sgd_checkpoint_with_dampening_is_refused():
-    m = model()
+    m = P.model()
     sgd = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, dampening=0.1)
-    train(m, sgd, 1)
+    P.train(m, sgd, 1)
     opt = SNGM(m.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="dampening"):
         opt.load_state_dict(sgd.state_dict())
@@ -272,15 +231,15 @@ def test_zero_grad_modes_params_reassigned_and_grads_replaced(backend):
     reference's."""
 
     def drive(be):
-        m = model()
+        m = P.model()
         opt = SNGM(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, backend=be)
-        train(m, opt, 2, set_to_none=True)
-        train(m, opt, 2, start=2, set_to_none=False)
+        P.train(m, opt, 2, set_to_none=True)
+        P.train(m, opt, 2, start=2, set_to_none=False)
         m.zero_grad()
-        train(m, opt, 1, start=4)
+        P.train(m, opt, 1, start=4)
         first = next(m.parameters())
         first.data = first.detach().clone() * 0.5  # p.data = ... gives the param new memory
-        train(m, opt, 1, start=5, set_to_none=False)
+        P.train(m, opt, 1, start=5, set_to_none=False)
         for p in m.parameters():  # grads replaced by new tensors
             p.grad = torch.ones_like(p)
         opt.step()
@@ -296,7 +255,7 @@ def test_zero_grad_modes_params_reassigned_and_grads_replaced(backend):
 
 def test_closure_lr_scheduler_and_added_group(backend):
     def drive(be):
-        m = model()
+        m = P.model()
         head = torch.nn.Linear(3, 2)
         torch.nn.init.constant_(head.weight, 0.1)
         opt = SNGM(m.parameters(), lr=0.2, momentum=0.9, backend=be)
@@ -305,7 +264,7 @@ def test_closure_lr_scheduler_and_added_group(backend):
         for s in range(5):
             if s == 2:
                 opt.add_param_group({"params": head.parameters(), "lr": 0.05, "nesterov": True})
-            x, y = batch(s)
+            x, y = P.batch(s)
 
             def closure():
                 opt.zero_grad()
@@ -326,12 +285,12 @@ def test_closure_lr_scheduler_and_added_group(backend):
 
 
 def test_params_without_grad_are_untouched(backend):
-    m = model()
+    m = P.model()
     frozen = list(m.parameters())[0]
     frozen.requires_grad_(False)
     before = frozen.detach().clone()
     opt = SNGM(m.parameters(), lr=0.1, weight_decay=0.1, backend=backend)
-    train(m, opt, 3)
+    P.train(m, opt, 3)
     assert torch.equal(frozen, before)
     assert frozen not in opt.state or "momentum_buffer" not in opt.state[frozen]
 
@@ -366,26 +325,26 @@ def test_functional_refuses_params_on_several_devices(backend):
     (lambda m: {"params": [next(m.parameters())]}, "more than one parameter group|given twice"),
 ])
 def test_a_refused_param_group_leaves_the_optimizer_as_it_was(backend, group, match):
-    m = model()
+    m = P.model()
     opt = SNGM(m.parameters(), lr=0.1, backend=backend)
-    train(m, opt, 1)
+    P.train(m, opt, 1)
     n_groups = len(opt.param_groups)
     with pytest.raises(ValueError, match=match):
         opt.add_param_group(group(m))
     assert len(opt.param_groups) == n_groups
-    train(m, opt, 1, start=1)  # still steps
+    P.train(m, opt, 1, start=1)  # still steps
 
 
 def test_a_momentum_buffer_of_another_size_is_refused_and_changes_nothing(backend):
     """A buffer that is not its param's size (a hand-edited or mismatched checkpoint): refused by
     name before anything is written (a kernel would write past one of them)."""
-    m = model()
+    m = P.model()
     opt = SNGM(m.parameters(), lr=0.1, momentum=0.9, backend=backend)
-    train(m, opt, 1)
+    P.train(m, opt, 1)
     p = next(m.parameters())
     opt.state[p]["momentum_buffer"] = torch.zeros(p.numel() + 3)
     before = snapshot(m, opt)
-    x, y = batch(7)
+    x, y = P.batch(7)
     torch.nn.functional.cross_entropy(m(x), y).backward()
     with pytest.raises(ValueError, match="momentum buffer of shape"):
         opt.step()

@@ -2,39 +2,20 @@
 complex params, hooks, printing (modeled on what torch's test/test_optim.py checks for SGD)."""
 
 import copy
+import functools
 import io
 import pickle
 
 import pytest
 import torch
 
+from kit import Problem, Task, assert_equal, mlp, values
 from sngm_ext import SNGM, BackendUnavailable
 
 HYPER = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
 
 
-def model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 2))
-
-
-def train(m, opt, steps, start=0):
-    for s in range(start, start + steps):
-        g = torch.Generator().manual_seed(500 + s)
-        x, y = torch.randn(16, 6, generator=g), torch.randn(16, 2, generator=g)
-        opt.zero_grad()
-        (m(x) - y).square().mean().backward()
-        opt.step()
-
-
-def params_of(m):
-    return [p.detach().clone() for p in m.parameters()]
-
-
-def assert_same(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
+P = Problem(functools.partial(mlp, (6, 12, 2)), Task((16, 6), (16, 2), seed=500))
 
 
 # ---------------------------------------------------------------- torch.optim.SGD's signature
@@ -42,14 +23,14 @@ def assert_same(a, b):
 
 def test_sgd_positional_order_means_the_same(backend):
     """SGD(params, lr, momentum, dampening, weight_decay, nesterov): the same positions."""
-    a, b = model(), model()
+    a, b = P.model(), P.model()
     oa = SNGM(a.parameters(), 0.1, 0.9, 0, 1e-3, True, backend=backend)
     ob = SNGM(b.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True,
               backend=backend)
     assert oa.param_groups[0]["weight_decay"] == 1e-3 and oa.param_groups[0]["nesterov"] is True
-    train(a, oa, 3)
-    train(b, ob, 3)
-    assert_same(params_of(a), params_of(b))
+    P.train(a, oa, 3)
+    P.train(b, ob, 3)
+    assert_equal(values(a), values(b))
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -64,11 +45,11 @@ def test_sgd_positional_order_means_the_same(backend):
 ])
 def test_what_sgd_code_cannot_mean_here_is_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        SNGM(model().parameters(), **{**HYPER, **kwargs})
+        SNGM(P.model().parameters(), **{**HYPER, **kwargs})
 
 
 def test_foreach_and_fused_choose_an_implementation():
-    ps = list(model().parameters())
+    ps = list(P.model().parameters())
     assert SNGM(ps, foreach=False).backend == "reference"  # per tensor
     assert SNGM(ps, fused=False).backend == "reference"
     assert SNGM(ps, foreach=True).backend == "auto"  # the multi-tensor kernels where they run
@@ -88,9 +69,9 @@ def test_foreach_and_fused_choose_an_implementation():
 @pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
 def test_settings_travel_with_the_optimizer(backend, how):
     """A copy continues exactly as the original does, with SNGM's own settings."""
-    m = model()
+    m = P.model()
     opt = SNGM(m.parameters(), norm="tensor", backend=backend, nesterov=True, **HYPER)
-    train(m, opt, 2)
+    P.train(m, opt, 2)
     m2 = copy.deepcopy(m)
     if how == "deepcopy":
         opt2 = copy.deepcopy(opt)
@@ -109,13 +90,13 @@ def test_settings_travel_with_the_optimizer(backend, how):
         g2["params"] = gm
         opt2.state.clear()
         opt2.state.update(state)
-    train(m, opt, 2, start=2)
-    train(m2, opt2, 2, start=2)
-    assert_same(params_of(m), params_of(m2))
+    P.train(m, opt, 2, start=2)
+    P.train(m2, opt2, 2, start=2)
+    assert_equal(values(m), values(m2))
 
 
 def test_deepcopy_copies_every_public_attribute():
-    opt = SNGM(model().parameters(), norm="tensor", foreach=True, **HYPER)
+    opt = SNGM(P.model().parameters(), norm="tensor", foreach=True, **HYPER)
     opt2 = copy.deepcopy(opt)
     public = {k for k in vars(opt) if not k.startswith("_")}
     assert public == {k for k in vars(opt2) if not k.startswith("_")}
@@ -124,13 +105,13 @@ def test_deepcopy_copies_every_public_attribute():
 
 
 def test_deepcopy_with_norm_in_backward_hooks_its_own_params(fused_backend):
-    m = model()
+    m = P.model()
     opt = SNGM(m.parameters(), backend=fused_backend, norm_in_backward=True, **HYPER)
-    train(m, opt, 2)
+    P.train(m, opt, 2)
     m2, opt2 = copy.deepcopy((m, opt))  # one memo: opt2 holds m2's params
-    train(m, opt, 3, start=2)
-    train(m2, opt2, 3, start=2)
-    assert_same(params_of(m), params_of(m2))
+    P.train(m, opt, 3, start=2)
+    P.train(m2, opt2, 3, start=2)
+    assert_equal(values(m), values(m2))
     assert opt2._sums.served == 2  # its hooks were attached to m2's params
 
 
@@ -139,9 +120,9 @@ def test_deepcopy_with_norm_in_backward_hooks_its_own_params(fused_backend):
 
 def test_older_state_dicts_are_filled(backend):
     """A state_dict without maximize / nesterov (older torch or SNGM, hand-made) loads and steps."""
-    m = model()
+    m = P.model()
     opt = SNGM(m.parameters(), backend=backend, **HYPER)
-    train(m, opt, 2)
+    P.train(m, opt, 2)
     sd = copy.deepcopy(opt.state_dict())  # as a checkpoint would hold it
     for g in sd["param_groups"]:
         del g["maximize"], g["nesterov"]
@@ -149,15 +130,15 @@ def test_older_state_dicts_are_filled(backend):
     opt2 = SNGM(m2.parameters(), backend=backend, **HYPER)
     opt2.load_state_dict(sd)
     assert opt2.param_groups[0]["maximize"] is False and opt2.param_groups[0]["nesterov"] is False
-    train(m, opt, 2, start=2)
-    train(m2, opt2, 2, start=2)
-    assert_same(params_of(m), params_of(m2))
+    P.train(m, opt, 2, start=2)
+    P.train(m2, opt2, 2, start=2)
+    assert_equal(values(m), values(m2))
 
 
 def test_state_dict_round_trips_through_a_weights_only_load(backend):
-    m = model()
+    m = P.model()
     opt = SNGM(m.parameters(), backend=backend, **HYPER)
-    train(m, opt, 2)
+    P.train(m, opt, 2)
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
@@ -165,9 +146,9 @@ def test_state_dict_round_trips_through_a_weights_only_load(backend):
     m2 = copy.deepcopy(m)
     opt2 = SNGM(m2.parameters(), backend=backend, **HYPER)
     opt2.load_state_dict(sd)
-    train(m, opt, 2, start=2)
-    train(m2, opt2, 2, start=2)
-    assert_same(params_of(m), params_of(m2))
+    P.train(m, opt, 2, start=2)
+    P.train(m2, opt2, 2, start=2)
+    assert_equal(values(m), values(m2))
 
 
 # ---------------------------------------------------------------- tensor lr
@@ -178,15 +159,15 @@ def test_tensor_lr_equals_the_float_lr_under_a_scheduler(backend):
     (it writes the tensor in place; the kernels read it where it lies)."""
     runs = []
     for lr in (0.1, torch.tensor(0.1), torch.tensor(0.1, dtype=torch.float64)):
-        m = model()
+        m = P.model()
         opt = SNGM(m.parameters(), lr=lr, momentum=0.9, weight_decay=1e-3, backend=backend)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
         for s in range(5):
-            train(m, opt, 1, start=s)
+            P.train(m, opt, 1, start=s)
             sched.step()
         assert isinstance(opt.param_groups[0]["lr"], torch.Tensor) == isinstance(lr, torch.Tensor)
-        runs.append(params_of(m))
-    assert_same(runs[0], runs[1])
+        runs.append(values(m))
+    assert_equal(runs[0], runs[1])
     for x, y in zip(runs[2], runs[0]):  # an fp64 0.1 rounds to the same fp32 as the float
         assert torch.equal(x, y)
 
@@ -227,7 +208,7 @@ def test_a_step_without_grads_is_a_no_op(backend, device):
 
 
 def test_step_and_state_dict_hooks_run(backend):
-    opt = SNGM(model().parameters(), backend=backend, **HYPER)
+    opt = SNGM(P.model().parameters(), backend=backend, **HYPER)
     seen = []
     opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
     opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
@@ -243,6 +224,6 @@ def test_step_and_state_dict_hooks_run(backend):
 
 
 def test_printing_shows_the_groups():
-    text = repr(SNGM(model().parameters(), **HYPER))
+    text = repr(SNGM(P.model().parameters(), **HYPER))
     assert text.startswith("SNGM (") and "lr: 0.1" in text and "momentum: 0.9" in text
     assert "_complex" not in text

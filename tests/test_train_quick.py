@@ -2,22 +2,19 @@
 as the paper writes it, and the paper's Section 4.2 counterexample F(x) = 0.5 (x + 1)^2."""
 
 import gzip
-import importlib.util
 import json
 import math
 import os
 import struct
-import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STUDY = os.path.join(ROOT, "large_batch_study")
-if STUDY not in sys.path:
-    sys.path.insert(0, STUDY)
+from kit import importable, load_script
+
+STUDY = importable("large_batch_study")
 
 from train.data import batches, load_fashion_mnist, read_idx  # noqa: E402
 from train.lars import LARS  # noqa: E402
@@ -28,10 +25,7 @@ from sngm_ext import SNGM  # noqa: E402
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location("train_large_batch", os.path.join(STUDY, "train_large_batch.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(os.path.join(STUDY, "train_large_batch.py"), "train_large_batch")
 
 
 def _write_idx(path, arr):

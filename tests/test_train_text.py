@@ -2,20 +2,17 @@
 fortune format in a tmp folder, not the installed ``fortunes`` package): parsing and cleaning, the
 split by fortune, the BPTT windows, lr selection on validation loss, and the CLI end to end."""
 
-import importlib.util
 import json
 import math
 import os
 import random
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STUDY = os.path.join(ROOT, "large_batch_study")
-if STUDY not in sys.path:
-    sys.path.insert(0, STUDY)
+from kit import importable, load_script
+
+STUDY = importable("large_batch_study")
 
 from train.report import select_lr  # noqa: E402
 from train.tasks import ImageTask, TextTask  # noqa: E402
@@ -24,10 +21,7 @@ from train.text import (EOF_ID, UNK_ID, TextSplit, batchify, bptt_windows, clean
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location("train_large_batch", os.path.join(STUDY, "train_large_batch.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(os.path.join(STUDY, "train_large_batch.py"), "train_large_batch")
 
 
 WORDS = "the a cat dog sat on mat and ran far away from home".split()

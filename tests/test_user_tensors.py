@@ -8,6 +8,7 @@ they re-pointed ``p.data`` / ``p.grad`` into flat buckets: each test here fails 
 
 import collections
 import copy
+import functools
 import io
 import pickle
 import types
@@ -17,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from kit import Problem, Task, assert_all_close, convnet, mlp, values
 from sngm_ext import SNGM
 
 LR, MOMENTUM, WD = 0.05, 0.9, 1e-3
@@ -27,33 +29,12 @@ BF16_TOL = dict(rtol=1.6e-2, atol=1e-3)
 # ---------------------------------------------------------------- models, data, optimizers
 
 
-def mlp(seed=0, widths=(12, 32, 24, 5)):
-    """Several Linear layers, the middle one without bias."""
-    torch.manual_seed(seed)
-    a, b, c, d = widths
-    return nn.Sequential(nn.Linear(a, b), nn.Tanh(), nn.Linear(b, c, bias=False), nn.Tanh(),
-                         nn.Linear(c, d))
-
-
-def convnet(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1, bias=False),
-        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
-    )
-
-
-def loss(m, step):
-    """A deterministic loss for step ``step`` of an mlp or a convnet (inputs in the model's
-    dtype)."""
-    dtype = next(m.parameters()).dtype
-    g = torch.Generator().manual_seed(1000 + step)
-    if isinstance(m[0], nn.Conv2d):
-        x = torch.randn(4, 3, 8, 8, generator=g)
-    else:
-        x = torch.randn(16, m[0].in_features, generator=g)
-    y = torch.randint(0, 5, (x.shape[0],), generator=g)
-    return nn.functional.cross_entropy(m(x.to(dtype)).float(), y)
+# Several Linear layers, the middle one without bias; a small convnet; inputs in the model's dtype.
+MLP = Problem(functools.partial(mlp, (12, 32, 24, 5), bias=(True, False, True)),
+              Task((16, 12), 5, seed=1000))
+WIDE_MLP = Problem(functools.partial(mlp, (64, 256, 256, 10), bias=(True, False, True)),
+                   Task((16, 64), 5, seed=1000))  # ~85k params, 21 chunks
+CONVNET = Problem(convnet, Task((4, 3, 8, 8), 5, seed=1000))
 
 
 def make_opt(kind, params, nib=False):
@@ -67,23 +48,6 @@ def make_opt(kind, params, nib=False):
 def kinds(backend):
     """SGD, the backend under test and the reference (once each)."""
     return list(dict.fromkeys(("sgd", backend, "reference")))
-
-
-def train(m, opt, steps, start=0):
-    for s in range(start, start + steps):
-        opt.zero_grad(set_to_none=True)
-        loss(m, s).backward()
-        opt.step()
-
-
-def values(m):
-    return [p.detach().clone() for p in m.parameters()]
-
-
-def assert_all_close(xs, ys, **tol):
-    assert len(xs) == len(ys)
-    for x, y in zip(xs, ys):
-        torch.testing.assert_close(x, y, **(tol or TOL))
 
 
 def nib_or_skip(backend, nib):
@@ -131,7 +95,7 @@ def test_params_keep_their_storage_and_grads_their_identity(backend, set_to_none
     flat bucket shared with other params), and ``p.grad`` is the very tensor autograd or the user
     set: same object, same data_ptr, same values after step(). As with SGD."""
     for kind in ("sgd", backend):
-        m = mlp()
+        m = MLP.model()
         params = list(m.parameters())
         start = values(m)
         ptrs = [p.data_ptr() for p in params]
@@ -146,7 +110,7 @@ def test_params_keep_their_storage_and_grads_their_identity(backend, set_to_none
         accumulated = None
         for s in range(4):
             opt.zero_grad(set_to_none=set_to_none)
-            loss(m, s).backward()
+            MLP.loss(m, s).backward()
             if s == 2:  # a grad the user assigns
                 params[0].grad = torch.randn_like(params[0])
             grads = [p.grad for p in params]
@@ -182,14 +146,14 @@ def test_safetensors_round_trip_after_steps(backend, tmp_path):
     st = pytest.importorskip("safetensors.torch")
     trained = {}
     for kind in kinds(backend):
-        m = mlp()
+        m = MLP.model()
         opt = make_opt(kind, m.parameters())
-        train(m, opt, 3)
+        MLP.train(m, opt, 3)
         sd = m.state_dict()
         assert_one_storage_per_tensor(sd)
         path = str(tmp_path / f"{kind}.safetensors")
         st.save_model(m, path)
-        fresh = mlp(seed=1)
+        fresh = MLP.model(seed=1)
         missing, unexpected = st.load_model(fresh, path)
         assert not missing and not unexpected, (kind, missing, unexpected)
         for (k, a), (k2, b) in zip(sd.items(), fresh.state_dict().items()):
@@ -198,11 +162,11 @@ def test_safetensors_round_trip_after_steps(backend, tmp_path):
         loaded = st.load_file(str(tmp_path / f"{kind}.sd.safetensors"))
         assert loaded.keys() == sd.keys()
         assert all(torch.equal(loaded[k], sd[k]) for k in sd)
-        train(m, opt, 1, start=3)  # the saved and loaded copies do not follow the model
+        MLP.train(m, opt, 1, start=3)  # the saved and loaded copies do not follow the model
         assert all(torch.equal(loaded[k], fresh.state_dict()[k]) for k in sd)
         assert not torch.equal(m[0].weight, fresh[0].weight)
         trained[kind] = values(fresh)
-    assert_all_close(trained[backend], trained["reference"])
+    assert_all_close(trained[backend], trained["reference"], **TOL)
 
 
 def test_accelerate_save_model_keeps_every_param(backend, tmp_path):
@@ -215,9 +179,9 @@ def test_accelerate_save_model_keeps_every_param(backend, tmp_path):
 
     acc = Accelerator(cpu=True)
     for kind in ("sgd", backend):
-        m = mlp()
+        m = MLP.model()
         opt = make_opt(kind, m.parameters())
-        train(m, opt, 2)
+        MLP.train(m, opt, 2)
         out = tmp_path / kind
         acc.save_model(m, str(out))
         loaded = load_file(str(out / "model.safetensors"))
@@ -273,18 +237,18 @@ def test_grad_data_replaced_between_steps(backend, nib):
     nib = nib_or_skip(backend, nib)
     trained = {}
     for kind in kinds(backend):
-        m = mlp()
+        m = MLP.model()
         params = list(m.parameters())
         opt = make_opt(kind, m.parameters(), nib=nib and kind == backend)
         for s in range(5):
             opt.zero_grad(set_to_none=True)
-            loss(m, s).backward()
+            MLP.loss(m, s).backward()
             if s in (0, 2, 3):
                 for p in params:
                     p.grad.data = p.grad.data.clone() * 2
             check_step_uses_grads_as_they_are(kind, opt, params)
         trained[kind] = values(m)
-    assert_all_close(trained[backend], trained["reference"])
+    assert_all_close(trained[backend], trained["reference"], **TOL)
 
 
 @NIB
@@ -296,12 +260,12 @@ def test_channels_last_conversion_between_steps(backend, nib):
     nib = nib_or_skip(backend, nib)
     trained, strides = {}, {}
     for kind in kinds(backend):
-        m = convnet()
+        m = CONVNET.model()
         params = list(m.parameters())
         opt = make_opt(kind, m.parameters(), nib=nib and kind == backend)
         for s in range(5):
             opt.zero_grad(set_to_none=True)
-            loss(m, s).backward()
+            CONVNET.loss(m, s).backward()
             if s == 2:
                 m.to(memory_format=torch.channels_last)
             convs = [p for p in params if p.dim() == 4]
@@ -314,7 +278,7 @@ def test_channels_last_conversion_between_steps(backend, nib):
         trained[kind] = values(m)
         strides[kind] = [p.stride() for p in params]
     assert strides[backend] == strides["sgd"]
-    assert_all_close(trained[backend], trained["reference"])
+    assert_all_close(trained[backend], trained["reference"], **TOL)
 
 
 # ---------------------------------------------------------------- 5. a reference kept to a grad
@@ -326,20 +290,20 @@ def test_kept_grad_keeps_its_values(backend, nib):
     backward, ``kept`` still holds its old values (nobody reuses its memory for the new grad)."""
     nib = nib_or_skip(backend, nib)
     for kind in ("sgd", backend):
-        m = mlp()
+        m = MLP.model()
         params = list(m.parameters())
         opt = make_opt(kind, m.parameters(), nib=nib and kind != "sgd")
-        train(m, opt, 1)  # buffers and tables exist from here on
+        MLP.train(m, opt, 1)  # buffers and tables exist from here on
         for s in range(1, 4):
             opt.zero_grad(set_to_none=True)
-            loss(m, s).backward()
+            MLP.loss(m, s).backward()
             kept = [p.grad for p in params]
             old = [g.clone() for g in kept]
             opt.step()
             assert all(p.grad is k for p, k in zip(params, kept)), kind
             opt.zero_grad(set_to_none=True)
             assert all(p.grad is None for p in params), kind
-            loss(m, 100 + s).backward()
+            MLP.loss(m, 100 + s).backward()
             for p, k, o in zip(params, kept, old):
                 assert torch.equal(k, o), f"{kind}: a kept grad changed"
                 assert p.grad is not k and p.grad.data_ptr() != k.data_ptr(), kind
@@ -396,10 +360,10 @@ def test_optimizer_holds_only_momentum_after_zero_grad(backend, nib):
     nib = nib_or_skip(backend, nib)
     held = {}
     for kind in ("sgd", backend):
-        m = mlp(widths=(64, 256, 256, 10))  # ~85k params, 21 chunks
+        m = WIDE_MLP.model()
         params = list(m.parameters())
         opt = make_opt(kind, m.parameters(), nib=nib and kind != "sgd")
-        train(m, opt, 3)
+        WIDE_MLP.train(m, opt, 3)
         opt.zero_grad(set_to_none=True)
         model_bytes = sum(p.numel() * p.element_size() for p in params)
         skip = {id(p) for p in params}
@@ -421,7 +385,7 @@ def test_param_given_twice_is_refused(backend):
     """A param listed twice in one group, or in two groups, is a ValueError naming the problem at
     construction and at add_param_group (which leaves a working optimizer as it was). SGD refuses
     the two-group case too, and only warns for one group, where it would step the param twice."""
-    m = mlp()
+    m = MLP.model()
     w, b = m[0].weight, m[0].bias
     same_group = [w, b, w]
     two_groups = [{"params": [w]}, {"params": [b, w]}]
@@ -443,15 +407,15 @@ def test_param_given_twice_is_refused(backend):
             make_opt(backend, params)
 
     opt = make_opt(backend, [{"params": [w, b]}, {"params": list(m[2].parameters())}])
-    ref = mlp()
+    ref = MLP.model()
     ref_opt = make_opt("reference", ref.parameters())
     with pytest.raises(ValueError, match=message):
         opt.add_param_group({"params": [m[4].weight, w]})
     assert len(opt.param_groups) == 2
     opt.add_param_group({"params": list(m[4].parameters())})
-    train(m, opt, 2)
-    train(ref, ref_opt, 2)
-    assert_all_close(values(m), values(ref))
+    MLP.train(m, opt, 2)
+    MLP.train(ref, ref_opt, 2)
+    assert_all_close(values(m), values(ref), **TOL)
 
 
 # ---------------------------------------------------------------- 8. dtype changes
@@ -466,16 +430,16 @@ def test_model_dtype_change_between_steps(backend, dtype):
     tol = BF16_TOL if dtype == torch.bfloat16 else TOL
     trained = {}
     for kind in kinds(backend):
-        m = mlp()
+        m = MLP.model()
         opt = make_opt(kind, m.parameters())
-        train(m, opt, 2)
+        MLP.train(m, opt, 2)
         m.to(dtype)
         params = list(m.parameters())
         converted = values(m)
         ptrs = [p.data_ptr() for p in params]
         for s in range(2, 5):
             opt.zero_grad(set_to_none=True)
-            loss(m, s).backward()
+            MLP.loss(m, s).backward()
             check_step_uses_grads_as_they_are(kind, opt, params, tol)
         assert all(p.dtype == dtype for p in params), kind
         assert [p.data_ptr() for p in params] == ptrs, kind
@@ -497,28 +461,28 @@ def test_deepcopy_and_load_state_dict_between_steps(backend):
     before the load); the fused backend equals the reference."""
     trained = {}
     for kind in kinds(backend):
-        m = mlp()
+        m = MLP.model()
         params = list(m.parameters())
         ptrs = [p.data_ptr() for p in params]
         opt = make_opt(kind, m.parameters())
-        train(m, opt, 2)
+        MLP.train(m, opt, 2)
         snap = copy.deepcopy(m)
         snap_values = values(snap)
         assert all(q.untyped_storage().data_ptr() != p.untyped_storage().data_ptr()
                    for p, q in zip(params, snap.parameters())), kind
-        train(m, opt, 2, start=2)
+        MLP.train(m, opt, 2, start=2)
         assert all(torch.equal(q, v) for q, v in zip(snap.parameters(), snap_values)), kind
         assert all(not torch.equal(p, v) for p, v in zip(params, snap_values)), kind
         m.load_state_dict(snap.state_dict())
         assert [p.data_ptr() for p in params] == ptrs, kind
         for s in range(4, 6):  # each step starts from the loaded weights
             opt.zero_grad(set_to_none=True)
-            loss(m, s).backward()
+            MLP.loss(m, s).backward()
             check_step_uses_grads_as_they_are(kind, opt, params)
         assert [p.data_ptr() for p in params] == ptrs, kind
         assert all(torch.equal(q, v) for q, v in zip(snap.parameters(), snap_values)), kind
         trained[kind] = values(m)
-    assert_all_close(trained[backend], trained["reference"])
+    assert_all_close(trained[backend], trained["reference"], **TOL)
 
 
 # ---------------------------------------------------------------- 10. non-contiguous params
@@ -555,7 +519,7 @@ def test_non_contiguous_params_are_stepped_where_they_live(backend):
         params = [t["A"], t["B"], t["C"]]
         layout = [(p.data_ptr(), p.stride(), p.untyped_storage().data_ptr()) for p in params]
         outside = (t["big"][:, 50:].clone(), torch.cat([t["rows"][:2], t["rows"][3:]]).clone())
-        start = values_of(params)
+        start = values(params)
         opt = make_opt(kind, params)
         for s in range(4):
             opt.zero_grad(set_to_none=True)
@@ -568,9 +532,6 @@ def test_non_contiguous_params_are_stepped_where_they_live(backend):
         assert torch.equal(t["big"][:, 50:], outside[0]), f"{kind}: wrote outside the slice"
         assert torch.equal(torch.cat([t["rows"][:2], t["rows"][3:]]), outside[1]), kind
         assert all(not torch.equal(p, q) for p, q in zip(params, start)), kind
-        trained[kind] = values_of(params)
-    assert_all_close(trained[backend], trained["reference"])
+        trained[kind] = values(params)
+    assert_all_close(trained[backend], trained["reference"], **TOL)
 
-
-def values_of(params):
-    return [p.detach().clone() for p in params]
