@@ -9,8 +9,9 @@ and for sngm_ext's SNGM two ways:
     sngm norm in backward  ``norm_in_backward=True``: a post-accumulate-grad hook sums the squares
                            of each fresh grad where it lies (in cache); the step runs the update
 
-Forward+backward and the step are timed apart (interleaved rounds, medians), so the table shows
-where each variant spends its time as well as the whole iteration.
+Forward+backward and the step are timed apart (timing.py's interleaved rounds, one iteration per
+variant per round, medians), so the table shows where each variant spends its time as well as the
+whole iteration (the median of the sum over the same iterations).
 
 Models:
     mlp              ``--layers`` Linear(width, width) + ReLU layers, batch ``--batch``
@@ -35,8 +36,9 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from param_sets import resnet50  # noqa: E402
 from foreach_sngm import ForeachSNGM  # noqa: E402
+from param_sets import resnet50  # noqa: E402
+from timing import Case, Timer, run_interleaved_parts  # noqa: E402
 
 from sngm_ext import SNGM  # noqa: E402
 
@@ -96,17 +98,13 @@ def main(argv=None):
         m = make()
         variants[name] = (m, SNGM(m.parameters(), lr=0.01, momentum=0.9, weight_decay=wd, **kw))
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
     scalers = {k: torch.amp.GradScaler(dev.type) for k in variants} if args.amp else {}
+    timer = Timer(dev)
 
     def iteration(name):
         m, opt = variants[name]
         sc = scalers.get(name)
-        sync()
-        t0 = time.perf_counter()
+        t0 = timer.now()
         opt.zero_grad(set_to_none=True)
         with torch.autocast(dev.type, dtype=torch.float16, enabled=sc is not None):
             out = m(x).float()
@@ -114,28 +112,19 @@ def main(argv=None):
         # grows without bound under SGD until a GradScaler skips every step)
         loss = out if args.model == "resnet50-params" else out.square().mean()
         (loss if sc is None else sc.scale(loss)).backward()
-        sync()
-        t1 = time.perf_counter()
+        t1 = timer.now()
         if sc is None:
             opt.step()
         else:
             sc.step(opt)
             sc.update()
-        sync()
-        t2 = time.perf_counter()
-        return t1 - t0, t2 - t1
+        return {"fwd_bwd": t1 - t0, "step": timer.now() - t1}
 
-    for name in variants:
-        for _ in range(3):
-            iteration(name)
     names = list(variants)
-    fb = {k: [] for k in names}
-    st = {k: [] for k in names}
-    for r in range(args.rounds):
-        for k in names[r % len(names):] + names[: r % len(names)]:
-            a, b = iteration(k)
-            fb[k].append(a)
-            st[k].append(b)
+    cases = [Case(k, lambda k=k: iteration(k)) for k in names]
+    samples = run_interleaved_parts(timer, cases, warmup=3, rounds=args.rounds, per_round=1)
+    fb = {k: samples[k]["fwd_bwd"] for k in names}
+    st = {k: samples[k]["step"] for k in names}
 
     n = sum(p.numel() for p in variants["sgd fused"][0].parameters())
     what = ("ResNet-50's params (161 tensors), loss sum(p * r)" if args.model == "resnet50-params"

@@ -39,6 +39,10 @@ copy bandwidth on the model sets larger than the L2 cache, and at most 0.5x fuse
 they lie, so this should cost nothing more. --phases times each fused backend's three ops alone
 (sum of squares, finalize, update) on every set, with _foreach_copy_ of the grads as a yardstick.
 
+--python-cost measures the steady loop's Python cost per step with the kernels stubbed, SNGM's
+fused backends against torch.optim.SGD(fused=True), on ResNet-50's 161 tensors (python_cost.py);
+reported in the table, the MD and the JSON ("python_cost"), with its target (at most fused SGD's).
+
 --budget-s SECONDS caps the whole run (for a machine lent for minutes): a set that would start with
 less than MIN_SET_S of it left is skipped and listed as such, each set's sampling budget shrinks to
 its share of what is left, and the JSON / MD are rewritten after every set (atomically, with
@@ -52,10 +56,8 @@ import argparse
 import dataclasses
 import datetime as _dt
 import gc
-import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -69,7 +71,10 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from foreach_sngm import ForeachSNGM  # noqa: E402
-from param_sets import ParamSet, parse_sets, sets_for  # noqa: E402
+import python_cost  # noqa: E402
+from param_sets import ParamSet, by_name, parse_sets, sets_for  # noqa: E402
+from report import (budget_line, format_table, python_cost_lines, save_report,  # noqa: E402
+                    target_line, target_lines)
 from timing import Budget, Case, CopyProbe, Progress, Timer, run_interleaved, summarize  # noqa: E402
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 1e-4
@@ -94,9 +99,15 @@ BYTES_MODEL = {
 
 # What each fused backend should reach (the CPU claims of the native step; the GPU run's issue).
 TARGETS = {
-    "cpu": {"vs_best_sgd_max": 1.25, "speedup_over_foreach_min": 3.0},
-    "cuda": {"vs_sgd_fused_max": 1.15, "of_copy_min": 0.85, "count10000_vs_sgd_fused_max": 0.5},
+    "cpu": {"vs_best_sgd_max": 1.25, "speedup_over_foreach_min": 3.0,
+            "python_cost_vs_sgd_fused_max": 1.0},
+    "cuda": {"vs_sgd_fused_max": 1.15, "of_copy_min": 0.85, "count10000_vs_sgd_fused_max": 0.5,
+             "python_cost_vs_sgd_fused_max": 1.0},
 }
+# --python-cost: the param set it runs on (the issue's measure: ResNet-50's 161 tensors) and the
+# steps timed per variant and round
+PYTHON_COST_SET = "resnet50"
+PYTHON_COST_PER_ROUND = 200
 
 
 # --------------------------------------------------------------------------------------------
@@ -522,12 +533,12 @@ def measure_phases(pset: ParamSet, device: torch.device, specs: Sequence[Variant
     return out
 
 
-def phases_line(phases: Dict[str, Dict[str, object]]) -> str:
-    parts = []
-    for name, st in phases.items():
-        gb = f" ({st['gbps']:.1f} GB/s)" if st.get("gbps") else ""
-        parts.append(f"{name} {_ms(st['median_s'])}{gb}")
-    return "phases alone, median ms: " + "; ".join(parts)
+def _target(set_name: str, variant: str, what: str, value: float, target: float,
+            at_most: bool) -> Dict[str, object]:
+    x = {"set": set_name, "variant": variant, "what": what, "value": value, "target": target,
+         "at_most": at_most, "met": value <= target if at_most else value >= target}
+    x["line"] = target_line(x)  # the text the GPU kit's summary prints as it is
+    return x
 
 
 def check_targets(report: Dict[str, object]) -> List[Dict[str, object]]:
@@ -545,11 +556,7 @@ def check_targets(report: Dict[str, object]) -> List[Dict[str, object]]:
                 continue
 
             def add(what, value, target, at_most):
-                x = {"set": res["name"], "variant": r["variant"], "what": what, "value": value,
-                     "target": target, "at_most": at_most,
-                     "met": value <= target if at_most else value >= target}
-                x["line"] = target_line(x)  # the text the GPU kit's summary prints as it is
-                out.append(x)
+                out.append(_target(res["name"], r["variant"], what, value, target, at_most))
 
             if res["kind"] == "model" and not gpu:
                 add("step / fastest torch SGD", r["ratio_vs_best_sgd"], t["vs_best_sgd_max"], True)
@@ -565,247 +572,12 @@ def check_targets(report: Dict[str, object]) -> List[Dict[str, object]]:
             if res["name"] == "count10000" and gpu and sgd_fused:
                 add("step / fused SGD", r["median_s"] / sgd_fused["median_s"],
                     t["count10000_vs_sgd_fused_max"], True)
+    pc = report.get("python_cost")
+    for r in (pc["variants"] if pc else []):
+        if r["variant"].startswith("sngm-"):
+            out.append(_target(pc["set"], r["variant"], "python cost / fused SGD's",
+                               r["ratio_vs_sgd_fused"], t["python_cost_vs_sgd_fused_max"], True))
     return out
-
-
-def target_line(x: Dict[str, object]) -> str:
-    pct = str(x["what"]).startswith("share")
-    fmt = (lambda v: f"{100 * v:.0f}%") if pct else (lambda v: f"{v:.2f}x")
-    return (f"{x['set']} {x['variant']}: {x['what']} {fmt(x['value'])} "
-            f"(target {'<=' if x['at_most'] else '>='} {fmt(x['target'])}): "
-            f"{'met' if x['met'] else 'MISSED'}")
-
-
-def target_lines(targets: Sequence[Dict[str, object]]) -> List[str]:
-    return [target_line(x) for x in targets]
-
-
-# --------------------------------------------------------------------------------------------
-# output
-
-
-def _mb(n: Optional[int]) -> str:
-    return "-" if n is None else f"{n / 2**20:,.1f}"
-
-
-def _ms(s: float) -> str:
-    ms = s * 1e3
-    return f"{ms:.3f}" if ms < 10 else f"{ms:.2f}" if ms < 100 else f"{ms:.1f}"
-
-
-def set_title(res: Dict[str, object]) -> str:
-    copy = f"; copy {res['copy']['gbps']:.1f} GB/s in the same rounds" if res.get("copy") else ""
-    return (f"{res['name']}: {res['note']}, {res['numel']:,} params in {res['n_tensors']} tensors, "
-            f"{res['dtype']}{copy}")
-
-
-def table_rows(res: Dict[str, object], cuda: bool) -> List[List[str]]:
-    rows = []
-    for r in res["variants"]:
-        ratio = r["ratio_vs_best_sgd"]
-        row = [
-            r["variant"],
-            _ms(r["median_s"]),
-            f"{_ms(r['p25_s'])}-{_ms(r['p75_s'])}",
-            _ms(r["min_s"]),
-            "-" if ratio is None else f"{ratio:.2f}x",
-            f"{r['gbps']:.1f}",
-            "-" if r["frac_copy"] is None else f"{100 * r['frac_copy']:.0f}%",
-            _mb(r["extra_bytes"]),
-        ]
-        if cuda:
-            row.append(_mb(r["peak_step_bytes"]))
-        rows.append(row)
-    return rows
-
-
-HEADERS = ["variant", "median ms", "p25-p75 ms", "min ms", "vs best SGD", "GB/s", "of copy", "extra MiB"]
-
-
-def format_table(res, cuda: bool) -> str:
-    headers = HEADERS + (["step peak MiB"] if cuda else [])
-    rows = table_rows(res, cuda)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
-    lines = [set_title(res) + f"  [best SGD: {res['best_sgd']}; {res['rounds']} rounds]"]
-    fmt = lambda cells: "  ".join(  # noqa: E731
-        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    lines.append(fmt(headers))
-    lines.append("  ".join("-" * w for w in widths))
-    lines += [fmt(r) for r in rows]
-    for name, why in res["skipped"].items():
-        lines.append(f"  ({name}: {why})")
-    if res.get("phases"):
-        lines.append(phases_line(res["phases"]))
-    return "\n".join(lines)
-
-
-def _load(m: Dict[str, object]) -> str:
-    a, b = m.get("load_average"), m.get("load_average_end")
-    if not a or m.get("device") != "cpu":
-        return ""
-    end = f" / {b[0]:.1f}" if b else ""
-    return f"; load average {a[0]:.1f}{end} (start / end) on {m['cpu_count']} CPUs"
-
-
-def format_markdown(report: Dict[str, object], json_name: str) -> str:
-    m = report["machine"]
-    cuda = m["device"] == "cuda"
-    out = [
-        f"**{m['device_name']}** ({m['device']}, {m['torch_threads']} torch "
-        f"thread{'s' if m['torch_threads'] != 1 else ''}), "
-        f"torch {m['torch']}, triton {m['triton']}, sngm_ext {m['sngm_ext']}, "
-        f"commit `{(m['git_commit'] or '?')[:10]}`, {m['date']}; copy bandwidth up front "
-        f"{report['copy']['gbps']:.1f} GB/s{_load(m)}. Data: [{json_name}]({json_name}).",
-        "",
-    ]
-    headers = HEADERS + (["step peak MiB"] if cuda else [])
-    for res in report["sets"]:
-        out.append(f"*{set_title(res)}*")
-        out.append("")
-        out.append("| " + " | ".join(headers) + " |")
-        out.append("|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|")
-        for r in table_rows(res, cuda):
-            out.append("| " + " | ".join(r) + " |")
-        for name, why in res["skipped"].items():
-            out.append(f"\n({name} left out: {why})")
-        if res.get("phases"):
-            out.append("\n" + phases_line(res["phases"]))
-        out.append("")
-    if report.get("targets"):
-        out.append("**Targets**")
-        out.append("")
-        out += [f"- {line}" for line in target_lines(report["targets"])]
-        out.append("")
-    if report.get("unavailable"):
-        out.append("Not measured here: " + "; ".join(
-            f"{k} ({v})" for k, v in report["unavailable"].items()))
-        out.append("")
-    if report.get("budget"):
-        out.append(budget_line(report))
-        out.append("")
-    return "\n".join(out)
-
-
-def budget_line(report: Dict[str, object]) -> str:
-    """One line on the --budget-s run: how far it got and which sets it skipped."""
-    b = report["budget"]
-    done = len(report["sets"])
-    state = "finished" if b["finished"] else "in progress (rewritten after each set)"
-    line = (f"Time budget {b['budget_s']:g} s (--budget-s), {state}: {done} of "
-            f"{len(b['sets_planned'])} sets measured in {b['elapsed_s']:.1f} s")
-    if b["skipped_sets"]:
-        line += "; skipped: " + "; ".join(f"{k} ({v})" for k, v in b["skipped_sets"].items())
-    if report.get("errors"):
-        line += "; failed: " + "; ".join(f"{k} ({v})" for k, v in report["errors"].items())
-    return line + "."
-
-
-def plot(report: Dict[str, object], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sets = report["sets"]
-    models = [s for s in sets if s["kind"] == "model"]
-    counts = [s for s in sets if s["kind"] == "count-sweep"]
-    sizes = [s for s in sets if s["kind"] == "size-sweep"]
-    panels = [p for p in (models, counts, sizes) if p]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
-    axes = axes[0]
-    names: List[str] = []
-    for s in sets:
-        for r in s["variants"]:
-            if r["variant"] not in names:
-                names.append(r["variant"])
-    colors = {n: plt.cm.tab10(i % 10) for i, n in enumerate(names)}
-    ai = 0
-    if models:
-        ax = axes[ai]
-        ai += 1
-        width = 0.8 / max(len(names), 1)
-        for j, n in enumerate(names):
-            xs, ys = [], []
-            for i, s in enumerate(models):
-                for r in s["variants"]:
-                    if r["variant"] == n and r["ratio_vs_best_sgd"] is not None:
-                        xs.append(i + (j - (len(names) - 1) / 2) * width)
-                        ys.append(r["ratio_vs_best_sgd"])
-            ax.bar(xs, ys, width, label=n, color=colors[n])
-        ax.axhline(1.0, color="k", lw=0.8, ls="--")
-        ax.set_xticks(range(len(models)))
-        ax.set_xticklabels([f"{s['name']}\n{s['numel'] / 1e6:,.1f}M, {s['n_tensors']} t" for s in models])
-        ax.set_yscale("log")
-        ax.set_ylabel("step time / best torch SGD (lower is better)")
-        ax.set_title("model-shaped parameter sets")
-        ax.legend(fontsize=7)
-    for group, xkey, xlabel, title in (
-        (counts, "n_tensors", "number of tensors", "fixed total size"),
-        (sizes, "numel", "total params", "fixed tensor count"),
-    ):
-        if not group:
-            continue
-        ax = axes[ai]
-        ai += 1
-        for n in names:
-            pts = [(s[xkey], r["median_s"] * 1e3) for s in group for r in s["variants"]
-                   if r["variant"] == n]
-            if pts:
-                pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=n, color=colors[n])
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("median step time (ms)")
-        sub = (f"{group[0]['numel']:,} params" if xkey == "n_tensors"
-               else f"{group[0]['n_tensors']} tensors")
-        ax.set_title(f"{title} ({sub})")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    m = report["machine"]
-    fig.suptitle(f"SNGM step vs torch.optim.SGD on {m['device_name']} ({m['torch_threads']} threads) - "
-                 f"torch {m['torch']}, triton {m['triton']}, {m['date'][:10]}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# --------------------------------------------------------------------------------------------
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def save_report(report: Dict[str, object], out: str, base: str, kind: str,
-                with_plot: bool = True) -> List[str]:
-    """Writes ``base``.json / .md (/ .png) and latest_<kind>.* beside them; the paths written.
-
-    Each file is replaced atomically (a run killed while writing leaves the previous version), and
-    the numbers are all written before the plot is drawn.
-    """
-    os.makedirs(out, exist_ok=True)
-    json_name = os.path.basename(base) + ".json"
-    text = {".json": json.dumps(report, indent=1), ".md": format_markdown(report, json_name)}
-    written = []
-    for ext, body in text.items():
-        _write_atomic(base + ext, body)
-        _write_atomic(os.path.join(out, f"latest_{kind}{ext}"), body)
-        written.append(base + ext)
-    if with_plot:
-        try:
-            plot(report, base + ".png")
-            written.append(base + ".png")
-            tmp = os.path.join(out, f"latest_{kind}.png.tmp{os.getpid()}")
-            shutil.copyfile(base + ".png", tmp)
-            os.replace(tmp, os.path.join(out, f"latest_{kind}.png"))
-        except Exception as e:  # a plot problem must not lose the numbers
-            print(f"(plot failed: {type(e).__name__}: {e})", file=sys.stderr)
-    return written
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
@@ -828,6 +600,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                     help="also sngm-<backend>-fresh: new grad tensors before every step (untimed)")
     ap.add_argument("--phases", action="store_true",
                     help="also time each fused backend's three ops alone on every set")
+    ap.add_argument("--python-cost", action="store_true",
+                    help="also the step's Python cost with the kernels stubbed, against fused "
+                         f"SGD's, on {PYTHON_COST_SET}'s tensors (python_cost.py)")
     ap.add_argument("--budget-s", type=float, default=None, metavar="SECONDS",
                     help="cap the whole run: sets that would start past it are skipped (and "
                          "listed), each set's sampling shrinks to fit, and the JSON/MD are "
@@ -887,6 +662,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         + ("; not here: " + ", ".join(unavailable) if unavailable else ""))
 
     results = []
+    python_cost_result: Dict[str, object] = {}
     errors: Dict[str, str] = {}
     skipped_sets: Dict[str, str] = {}
     per_set_budget: Dict[str, float] = {}
@@ -913,6 +689,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
             "sets": results,
             "targets_spec": TARGETS["cuda" if gpu else "cpu"],
         }
+        if python_cost_result:
+            report["python_cost"] = python_cost_result
         report["targets"] = check_targets(report)
         if budget is not None:
             report["budget"] = {
@@ -979,6 +757,25 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         print(format_table(res, gpu), end="\n\n", flush=True)
         save_partial()
 
+    if args.python_cost:
+        fused = [sp.backend for sp in specs
+                 if sp.backend not in (None, "reference") and not sp.fresh_grads]
+        try:
+            if not fused:
+                raise RuntimeError("no fused SNGM backend runs here: "
+                                   + "; ".join(f"{k} ({v})" for k, v in unavailable.items()))
+            if "sgd-fused" in unavailable:
+                raise RuntimeError(f"torch.optim.SGD(fused=True): {unavailable['sgd-fused']}")
+            python_cost_result.update(python_cost.measure(
+                by_name(PYTHON_COST_SET), device, fused, rounds=settings.rounds,
+                per_round=PYTHON_COST_PER_ROUND, progress=progress,
+                deadline=budget.deadline if budget is not None else None))
+            progress.done()
+            print("\n".join(python_cost_lines(python_cost_result)), end="\n\n", flush=True)
+        except Exception as e:  # recorded and written with the rest; the exit status says it
+            errors["python-cost"] = f"{type(e).__name__}: {e}"
+            progress.done(f"python cost not measured: {errors['python-cost']}")
+        gc.collect()
     if hasattr(os, "getloadavg"):
         machine["load_average_end"] = list(os.getloadavg())
     report = make_report(True)
@@ -997,6 +794,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         written = save_report(report, args.out, base, kind, with_plot=with_plot)
         print("wrote " + ", ".join(os.path.relpath(p) for p in written)
               + f" (and latest_{kind}.*)")
+    if "python-cost" in errors:
+        raise SystemExit(f"bench_step.py --python-cost failed: {errors['python-cost']}")
     return report
 
 

@@ -14,8 +14,18 @@ Rounds are interleaved: every round runs each variant for ``per_round`` samples,
 rotated by one each round, so that drift of the machine (clock, neighbours on a shared CPU) hits
 every variant alike. Statistics are over all samples of all rounds.
 
+A case that times parts of one sample itself (a training iteration's forward+backward and its
+step; a distributed step and the all-reduce inside it) runs in the same rounds through
+:func:`run_interleaved_parts`: its call returns ``{part: seconds}``, typically from
+:meth:`Timer.now` readings.
+
 A :class:`Budget` caps a whole run (``bench_step.py --budget-s``): its ``deadline`` handed to
-:func:`run_interleaved` stops the rounds once it has passed (every case keeps at least one round).
+:func:`run_interleaved` / :func:`run_interleaved_parts` stops the rounds once it has passed (every
+case keeps at least one round).
+
+The API the benchmarks use (bench_step.py, bench_iteration.py, python_cost.py,
+bench_distributed.py): ``Timer``, ``Case``, ``run_interleaved``, ``run_interleaved_parts``,
+``summarize``, ``Budget``, ``Progress``, ``CopyProbe``.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -109,6 +119,12 @@ class Timer:
         if self.flush_buf is not None:
             self.flush_buf.zero_()
 
+    def now(self) -> float:
+        """``time.perf_counter()`` once the device has finished what was queued: readings around
+        parts of a sample (run_interleaved_parts) time what the device did in between."""
+        self.sync()
+        return time.perf_counter()
+
     def __call__(self, fn: Callable[[], object]) -> float:
         """Seconds that one call of ``fn`` takes."""
         if self.cuda:
@@ -134,6 +150,39 @@ class Case:
     per_round: Optional[int] = None  # samples per round; None: run_interleaved's per_round
 
 
+def _warm_up(timer: Timer, cases: Sequence[Case], warmup: int, progress: Optional[Progress],
+             label: str) -> None:
+    for c in cases:
+        if progress:
+            progress.update(f"{label} warm-up {c.name}")
+        for _ in range(warmup):
+            if c.before:
+                c.before()
+            c.step()
+        timer.sync()
+
+
+def _schedule(cases: Sequence[Case], rounds: int, per_round: int, progress: Optional[Progress],
+              label: str, deadline: Optional[float]) -> Iterator[Case]:
+    """Each case once per sample: ``rounds`` rounds, each running every case for its samples per
+    round in an order rotated by one each round; no round starts after ``deadline`` (a
+    ``time.perf_counter()`` value) but the first. ``before`` runs (untimed) before each sample."""
+    k = len(cases)
+    for r in range(rounds):
+        if r > 0 and deadline is not None and time.perf_counter() >= deadline:
+            if progress:
+                progress.update(f"{label} stopped after {r}/{rounds} rounds: time budget spent",
+                                force=True)
+            return
+        for c in (cases[(r + i) % k] for i in range(k)):
+            if progress:
+                progress.update(f"{label} round {r + 1}/{rounds} {c.name}")
+            for _ in range(c.per_round or per_round):
+                if c.before:
+                    c.before()
+                yield c
+
+
 def run_interleaved(
     timer: Timer,
     cases: Sequence[Case],
@@ -145,34 +194,34 @@ def run_interleaved(
     label: str = "",
     deadline: Optional[float] = None,
 ) -> Dict[str, List[float]]:
-    """Samples (seconds) per case name, after ``warmup`` untimed steps of each case.
-
-    ``deadline`` (a ``time.perf_counter()`` value): no round starts after it, except the first.
-    """
+    """Samples (seconds, ``timer`` around each ``step``) per case name, after ``warmup`` untimed
+    steps of each case, in interleaved rounds (see _schedule)."""
+    _warm_up(timer, cases, warmup, progress, label)
     samples: Dict[str, List[float]] = {c.name: [] for c in cases}
-    for c in cases:
-        if progress:
-            progress.update(f"{label} warm-up {c.name}")
-        for _ in range(warmup):
-            if c.before:
-                c.before()
-            c.step()
-        timer.sync()
-    k = len(cases)
-    for r in range(rounds):
-        if r > 0 and deadline is not None and time.perf_counter() >= deadline:
-            if progress:
-                progress.update(f"{label} stopped after {r}/{rounds} rounds: time budget spent",
-                                force=True)
-            break
-        order = [cases[(r + i) % k] for i in range(k)]
-        for c in order:
-            if progress:
-                progress.update(f"{label} round {r + 1}/{rounds} {c.name}")
-            for _ in range(c.per_round or per_round):
-                if c.before:
-                    c.before()
-                samples[c.name].append(timer(c.step))
+    for c in _schedule(cases, rounds, per_round, progress, label, deadline):
+        samples[c.name].append(timer(c.step))
+    return samples
+
+
+def run_interleaved_parts(
+    timer: Timer,
+    cases: Sequence[Case],
+    *,
+    warmup: int,
+    rounds: int,
+    per_round: int,
+    progress: Optional[Progress] = None,
+    label: str = "",
+    deadline: Optional[float] = None,
+) -> Dict[str, Dict[str, List[float]]]:
+    """Like :func:`run_interleaved` for cases that time themselves: each ``step`` returns
+    ``{part: seconds}`` for one sample; the result is, per case name, each part's samples in
+    sample order (the i-th entries of all parts belong to one sample)."""
+    _warm_up(timer, cases, warmup, progress, label)
+    samples: Dict[str, Dict[str, List[float]]] = {c.name: {} for c in cases}
+    for c in _schedule(cases, rounds, per_round, progress, label, deadline):
+        for part, seconds in c.step().items():
+            samples[c.name].setdefault(part, []).append(seconds)
     return samples
 
 

@@ -11,14 +11,15 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH = os.path.join(ROOT, "benchmarks")
-if BENCH not in sys.path:
-    sys.path.insert(0, BENCH)
+from kit import ROOT, importable
 
+BENCH = importable("benchmarks")
+
+import python_cost  # noqa: E402
 from foreach_sngm import ForeachSNGM  # noqa: E402
-from param_sets import EXPECTED, by_name, check_counts  # noqa: E402
+from param_sets import EXPECTED, ParamSet, by_name, check_counts  # noqa: E402
 
+import sngm_ext  # noqa: E402
 from sngm_ext import SNGM  # noqa: E402
 
 
@@ -69,6 +70,35 @@ def test_param_sets_have_published_counts():
     assert by_name("decoder1b").dtype == torch.bfloat16
 
 
+SMALL = ParamSet("small", ((40, 24), (5000,), (3,)))
+
+
+def test_python_cost_times_the_steps_with_their_kernels_stubbed():
+    """Each variant's stubs saw every step (one call per op and step), nothing was written, and
+    both medians are real host times."""
+    res = python_cost.measure(SMALL, torch.device("cpu"), ["cpu"], rounds=2, per_round=5)
+    rows = {r["variant"]: r for r in res["variants"]}
+    assert set(rows) == {"sgd-fused", "sngm-cpu"}
+    assert rows["sgd-fused"]["stub_calls_per_step"] == {"torch._fused_sgd_": 1.0}
+    assert rows["sngm-cpu"]["stub_calls_per_step"] == {
+        f"FusedOps.{op}": 1.0 for op in ("sumsq", "finalize", "update")}
+    for r in rows.values():
+        assert r["n"] == 10 and 0 < r["median_s"] < 0.1
+    assert rows["sngm-cpu"]["ratio_vs_sgd_fused"] == pytest.approx(
+        rows["sngm-cpu"]["median_s"] / rows["sgd-fused"]["median_s"])
+    assert not hasattr(torch._fused_sgd_, "calls")  # the real op is back
+
+
+def test_python_cost_refuses_to_time_a_step_its_stubs_missed(monkeypatch):
+    """Where the step does not call the ops it stubbed (here: resolve_backend hands the benchmark
+    other ops than the step's), the real kernels run: the measurement fails, naming why."""
+    real = sngm_ext.resolve_backend
+    monkeypatch.setattr(sngm_ext, "resolve_backend",
+                        lambda *a, **k: (real(*a, **k)[0], type(real(*a, **k)[1])("sngm_native")))
+    with pytest.raises(RuntimeError, match="no longer calls what is stubbed"):
+        python_cost.measure(SMALL, torch.device("cpu"), ["cpu"], rounds=1, per_round=2)
+
+
 def _run(args, timeout=240):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # the CPU backends only; the interpreter would take minutes
@@ -80,7 +110,8 @@ def _run(args, timeout=240):
 
 def test_bench_step_end_to_end(tmp_path):
     p = _run([os.path.join(BENCH, "bench_step.py"), "--sets", "resnet20", "--rounds", "1",
-              "--threads", "1", "--fresh-grads", "--phases", "--no-plot", "--out", str(tmp_path)])
+              "--threads", "1", "--fresh-grads", "--phases", "--python-cost", "--no-plot",
+              "--out", str(tmp_path)])
     rep = json.loads((tmp_path / "latest_cpu.json").read_text())
     (res,) = rep["sets"]
     names = [r["variant"] for r in res["variants"]]
@@ -91,15 +122,24 @@ def test_bench_step_end_to_end(tmp_path):
     assert {"copy_grads", "cpu:sumsq", "cpu:finalize", "cpu:update"} <= set(res["phases"])
     # both CPU targets reported for the fused backend, met or not, with the value behind it
     targets = {(t["variant"], t["what"]): t for t in rep["targets"]}
-    assert set(targets) == {("sngm-cpu", "step / fastest torch SGD"), ("sngm-cpu", "sngm-foreach / step")}
+    assert set(targets) == {("sngm-cpu", "step / fastest torch SGD"),
+                            ("sngm-cpu", "sngm-foreach / step"),
+                            ("sngm-cpu", "python cost / fused SGD's")}
     row = {r["variant"]: r for r in res["variants"]}
     t = targets[("sngm-cpu", "sngm-foreach / step")]
     assert t["value"] == pytest.approx(row["sngm-foreach"]["median_s"] / row["sngm-cpu"]["median_s"])
     assert t["met"] == (t["value"] >= 3.0)
     assert t["line"].startswith("resnet20 sngm-cpu: sngm-foreach / step ")  # what the GPU kit prints
     assert t["line"].endswith(": met" if t["met"] else ": MISSED")
+    # --python-cost: ResNet-50's 161 tensors, both variants, the ratio the target reads
+    pc = rep["python_cost"]
+    assert (pc["set"], pc["n_tensors"]) == ("resnet50", 161)
+    cost = {r["variant"]: r for r in pc["variants"]}
+    assert set(cost) == {"sgd-fused", "sngm-cpu"} and cost["sgd-fused"]["n"] == 200
+    t = targets[("sngm-cpu", "python cost / fused SGD's")]
+    assert t["value"] == cost["sngm-cpu"]["ratio_vs_sgd_fused"] and t["target"] == 1.0
     md = (tmp_path / "latest_cpu.md").read_text()
-    assert "**Targets**" in md and "phases alone" in md
+    assert "**Targets**" in md and "phases alone" in md and "Python cost per step" in md
     assert "Targets:" in p.stdout
 
 
