@@ -247,7 +247,8 @@ def trainer_opt(params, backend: str):
 # ---------------------------------------------------------------- shared checks
 
 
-def check_non_finite_grad_skips_the_step(backend: str, dtype, bad: float, device="cpu") -> None:
+def check_non_finite_grad_skips_the_step(backend: str, dtype, bad: float,
+                                         device="cpu") -> None:
     """A NaN/Inf in one grad: params and momentum untouched, the device-side counter grows, and a
     finite step afterwards goes through (the CPU and GPU tests run it)."""
     params = make_params(dtype, device=device)
