@@ -924,15 +924,16 @@ def fsdp1_without_process_group_is_refused(backend):
 
 
 def _deepspeed(backend, stage, **sngm_kwargs):
+    import importlib
     import logging
 
     import deepspeed
-    import deepspeed.comm.torch
 
     deepspeed.utils.logger.setLevel(logging.ERROR)
     # DeepSpeed's CPU accelerator JIT-builds a shared-memory all-reduce op on first use (~20 s on
     # 2 cores) that only its inference_all_reduce calls; ZeRO reduces through torch.distributed.
-    deepspeed.comm.torch.build_shm_op = lambda: None
+    # (The module by its name: the attribute deepspeed.comm.torch is torch itself.)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     model = Net()
     # One param group: DeepSpeed's ZeRO-1/2 step the wrapped optimizer one group at a time
     opt = SNGM(model.parameters(), backend=backend, **ONE_GROUP, **sngm_kwargs)
