@@ -9,7 +9,10 @@ Nothing happens at import; the first call per process does, in this order:
    ``sngm_ext._C_cuda``. In a source checkout, one built from other sources than csrc/ is skipped.
 2. Otherwise a build now, with ``torch.utils.cpp_extension.load`` and ninja, into a cache folder
    (``$SNGM_EXTENSIONS_DIR``, ``$TORCH_EXTENSIONS_DIR/sngm_ext`` or ``~/.cache/sngm_ext``); it
-   says so on stderr. ``SNGM_NO_JIT=1`` turns this off. A failure is remembered for the process.
+   says so on stderr when it starts and when it is done (time taken, the library's path). A build
+   already there from the same sources and flags (its stamp says so) is loaded as it is, with no
+   compiler or ninja needed. ``SNGM_NO_JIT=1`` turns both off. A failure is remembered for the
+   process.
 
 ``SNGM_CPU_CAPABILITY=default|avx2|avx512`` picks the CPU kernels' capability (for comparisons);
 ``ATEN_CPU_CAPABILITY`` lowers torch's and hence ours. ``SNGM_PREBUILT=0`` ignores the modules built
@@ -18,13 +21,17 @@ ahead of time (tests of the first-use build). ``SNGM_VERBOSE_BUILD=1`` shows the
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.machinery
+import importlib.util
+import json
 import os
 import re
 import shutil
 import sys
 import threading
+import time
 from typing import Dict, List, Optional
 
 import torch
@@ -33,6 +40,7 @@ from . import _native_build as nb
 from ._ops import FusedOps
 
 _lock = threading.RLock()
+_LIB_EXT = ".pyd" if sys.platform == "win32" else ".so"  # what cpp_extension.load links
 _state: Dict[str, object] = {}  # "cpu" / "cuda" -> info dict, or the BackendUnavailable raised
 
 
@@ -145,7 +153,7 @@ def _load_cpu() -> Dict[str, object]:
     first_error = None
     for cap in tries:
         try:
-            mod = _jit_build(
+            mod, reused = _jit_build(
                 part="cpu",
                 name=f"sngm_native_cpu_{cap}",
                 describe=f"the CPU kernels ({cap})",
@@ -163,7 +171,7 @@ def _load_cpu() -> Dict[str, object]:
             notes.append(f"the {cap} build failed")
             continue
         return {"how": "built on first use", "path": getattr(mod, "__file__", None),
-                "capability": cap, "module": mod}
+                "capability": cap, "reused": reused, "module": mod}
     raise first_error
 
 
@@ -186,13 +194,12 @@ def _load_cuda() -> Dict[str, object]:
                 notes.append(f"the prebuilt {os.path.basename(path)} does not load ({e})")
     from torch.utils import cpp_extension
 
+    no_nvcc = None
     if cpp_extension.CUDA_HOME is None:
-        raise _unavailable(
-            "no prebuilt CUDA kernels and no CUDA toolkit to build them (nvcc not found: set "
-            "CUDA_HOME)" + "".join(f"; {n}" for n in notes)
-        )
+        no_nvcc = ("no prebuilt CUDA kernels and no CUDA toolkit to build them (nvcc not found: "
+                   "set CUDA_HOME)")
     flags = nb.cuda_cflags(want or "unknown")
-    _jit_build(
+    path, reused = _jit_build(
         part="cuda",
         name="sngm_native_cuda",
         describe="the CUDA kernels",
@@ -201,13 +208,16 @@ def _load_cuda() -> Dict[str, object]:
         notes=notes,
         kwargs=dict(extra_cflags=flags["cxx"], extra_cuda_cflags=flags["nvcc"],
                     is_python_module=False),
+        missing_tool=no_nvcc,
     )
-    path = os.path.join(nb.jit_build_root(), "sngm_native_cuda")
-    return {"how": "built on first use", "path": path}
+    return {"how": "built on first use", "path": path, "reused": reused}
 
 
-def _jit_build(*, part, name, describe, csrc, sources, notes, kwargs):
-    """``cpp_extension.load`` of ``sources`` (relative to csrc/); BackendUnavailable saying why."""
+def _jit_build(*, part, name, describe, csrc, sources, notes, kwargs, missing_tool=None):
+    """``cpp_extension.load`` of ``sources`` (relative to csrc/), and whether an earlier build was
+    loaded as it was (a build in the cache whose stamp matches these sources and flags needs no
+    compiler or ninja: a machine that built once keeps its kernels); BackendUnavailable saying why.
+    """
     pre = "".join(f"; {n}" for n in notes)
     if _truthy("SNGM_NO_JIT"):
         raise _unavailable(
@@ -217,6 +227,27 @@ def _jit_build(*, part, name, describe, csrc, sources, notes, kwargs):
         raise _unavailable(
             f"no usable prebuilt native {part} extension, and no csrc/ sources to build one{pre}"
         )
+    build_dir = os.path.join(nb.jit_build_root(), name)
+    # The stamp names what the cached build was made from: the sources (and this build
+    # description) and the flags. cpp_extension rebuilds by itself when either changes; the stamp
+    # tells us when it will not, so that the build it left can be loaded without it.
+    stamp = os.path.join(build_dir, "sngm_source_hash")
+    want = nb.source_hash(csrc, part) + " " + hashlib.sha256(
+        json.dumps(kwargs, sort_keys=True).encode()).hexdigest()[:16]
+    try:
+        with open(stamp) as f:
+            cached = f.read().strip() == want
+    except OSError:
+        cached = False
+    library = os.path.join(build_dir, name + _LIB_EXT)
+    if cached and os.path.isfile(library):
+        try:
+            return _load_built(name, library, kwargs["is_python_module"]), True
+        except Exception as e:  # a damaged or foreign file: build it again
+            notes.append(f"the cached build {library} does not load ({e})")
+            pre = "".join(f"; {n}" for n in notes)
+    if missing_tool is not None:  # what this part needs beyond a C++ compiler and ninja
+        raise _unavailable(missing_tool + pre)
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         raise _unavailable(
@@ -229,21 +260,12 @@ def _jit_build(*, part, name, describe, csrc, sources, notes, kwargs):
         raise _unavailable(
             f"building the native {part} extension needs ninja (pip install ninja){pre}"
         )
-    build_dir = os.path.join(nb.jit_build_root(), name)
     os.makedirs(build_dir, exist_ok=True)
-    # cpp_extension rebuilds by itself when sources or flags change; we only tell when it will
-    stamp = os.path.join(build_dir, "sngm_source_hash")
-    want = nb.source_hash(csrc, part)
-    try:
-        with open(stamp) as f:
-            cached = f.read().strip() == want
-    except OSError:
-        cached = False
-    if not cached:
-        _say(
-            f"building {describe} of the native extension on first use (a minute or two, once; "
-            f"cached in {build_dir}){pre}"
-        )
+    _say(
+        f"building {describe} of the native extension on first use (a minute or two, once; "
+        f"cached in {build_dir}){pre}"
+    )
+    start = time.monotonic()
     try:
         out = cpp_extension.load(
             name=name,
@@ -259,13 +281,27 @@ def _jit_build(*, part, name, describe, csrc, sources, notes, kwargs):
         )
         err.build_failed = True
         raise err from e
-    if not cached:
-        try:
-            with open(stamp, "w") as f:
-                f.write(want)
-        except OSError:
-            pass
-    return out
+    if not kwargs["is_python_module"]:
+        out = library  # load() returns nothing for a library of ops alone
+    _say(f"built {describe} in {time.monotonic() - start:.0f} s: {library}")
+    try:
+        with open(stamp, "w") as f:
+            f.write(want)
+    except OSError:
+        pass
+    return out, False
+
+
+def _load_built(name: str, library: str, is_python_module: bool):
+    """What ``cpp_extension.load`` returns for a build it already made: the module (imported from
+    ``library`` under ``name``) or, for a library of ops alone, its path once loaded."""
+    if not is_python_module:
+        torch.ops.load_library(library)
+        return library
+    spec = importlib.util.spec_from_file_location(name, library)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _summary(e: BaseException, limit: int = 1500) -> str:

@@ -116,13 +116,16 @@ BUILD = """
         assert_runs_match(run("cpu", dtype, "three_groups"), run("reference", dtype, "three_groups"),
                           dtype)
     info = native.info()["cpu"]
-    print(json.dumps({"how": info["how"], "capability": info["capability"], "seconds": secs}))
+    print(json.dumps({"how": info["how"], "capability": info["capability"], "seconds": secs,
+                      "reused": info.get("reused")}))
 """
 
 
 def test_first_use_builds_into_the_cache_and_reuses_it(tmp_path):
     """No prebuilt module: the first use builds the portable ("default") kernels with ninja into
-    the cache, says so, and they match the reference; a second process loads them silently."""
+    the cache, says when it starts and when it is done (time, where), and they match the
+    reference; later processes load that build silently, even with no compiler or ninja on PATH,
+    and a changed build description (the stamp) builds again."""
     from torch.utils.cpp_extension import is_ninja_available
 
     if shutil.which(os.environ.get("CXX", "c++")) is None or not is_ninja_available():
@@ -130,9 +133,19 @@ def test_first_use_builds_into_the_cache_and_reuses_it(tmp_path):
             pytest.fail("CI needs a C++ compiler and ninja")
         pytest.skip("no C++ compiler or no ninja")
     out, err = _run(BUILD, tmp_path, SNGM_CPU_CAPABILITY="default")
-    assert out == {**out, "how": "built on first use", "capability": "default"}
+    assert out == {**out, "how": "built on first use", "capability": "default", "reused": False}
     assert "building the CPU kernels (default)" in err, err
-    assert list((tmp_path / "cache").rglob("sngm_native_cpu_default*.so"))
+    [so] = (tmp_path / "cache").rglob("sngm_native_cpu_default*.so")
+    assert "built the CPU kernels (default) in " in err and f" s: {so}" in err, err
     again, err2 = _run(BUILD, tmp_path, SNGM_CPU_CAPABILITY="default")
-    assert again["how"] == "built on first use"
-    assert "building" not in err2, err2
+    assert again == {**again, "how": "built on first use", "reused": True}
+    assert "built" not in err2, err2
+    empty = tmp_path / "bin"  # no compiler, no ninja: the cached build still loads (and matches)
+    empty.mkdir()
+    offline, err3 = _run(BUILD, tmp_path, path=str(empty), SNGM_CPU_CAPABILITY="default")
+    assert offline == {**offline, "how": "built on first use", "reused": True}, err3
+    stamp = so.parent / "sngm_source_hash"
+    stamp.write_text(stamp.read_text() + "0")  # other sources or flags than the cached build's
+    # not loaded: it would be rebuilt, and there is no compiler to do it
+    stale, _ = _run(FALLBACK, tmp_path, path=str(empty), SNGM_CPU_CAPABILITY="default")
+    assert "not on PATH" in stale["cpu"], stale
