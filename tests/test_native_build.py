@@ -149,3 +149,29 @@ def test_first_use_builds_into_the_cache_and_reuses_it(tmp_path):
     # not loaded: it would be rebuilt, and there is no compiler to do it
     stale, _ = _run(FALLBACK, tmp_path, path=str(empty), SNGM_CPU_CAPABILITY="default")
     assert "not on PATH" in stale["cpu"], stale
+
+
+def test_the_wheel_ships_sources_types_and_licence(tmp_path):
+    """A wheel built from a copy of the checkout (nothing compiled) holds what a first-use build
+    needs (csrc/ as sngm_ext/csrc), the Triton kernels, the PEP 561 marker and the licence."""
+    import zipfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE"):
+        shutil.copy(os.path.join(ROOT, name), src / name)
+    for folder in ("sngm_ext", "triton_kernels", "csrc"):
+        shutil.copytree(os.path.join(ROOT, folder), src / folder,
+                        ignore=shutil.ignore_patterns("*.so", "__pycache__", "build"))
+    env = {**os.environ, "SNGM_SKIP_NATIVE_BUILD": "1"}
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                        "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
+                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout
+    [wheel] = (tmp_path / "dist").glob("sngm_ext-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for want in ("sngm_ext/py.typed", "sngm_ext/csrc/sngm_math.h",
+                 "sngm_ext/triton_kernels/tables.py", "sngm_ext/device_cache.py"):
+        assert want in names, want
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), sorted(names)
