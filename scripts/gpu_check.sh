@@ -1,57 +1,81 @@
 #!/usr/bin/env bash
-# GPU verification kit: everything a rarely lent GPU machine should run, as one command.
+# GPU verification kit: everything a rarely lent GPU machine should run, as one command, from a
+# bare checkout (nothing installed: the checkout is put on PYTHONPATH).
 #
-#   bash scripts/gpu_check.sh OUT_DIR [--dry-run]
+#   bash scripts/gpu_check.sh OUT_DIR [--dry-run | --rehearse]
 #
-# Run from the repository root (it works from elsewhere too: it moves to the root, never away).
-# Stages, in order, each under `timeout` with the lesser of its cap and what is left of the total
-# budget (GPU_CHECK_BUDGET_S, default 450 s), each writing its log (and JSON / junit XML where it
-# has one) into OUT_DIR as it runs:
+# Run from anywhere (it moves to the repository root). Stages, in order, each in its own process
+# under `timeout`, each writing its log (and JSON / junit XML where it has one) into OUT_DIR:
 #
-#   env        nvidia-smi, python / torch / triton / nvcc versions      env.txt, env.json
-#   build      pip install -e . offline (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16), else the
-#              first-use build; says whether the CUDA module was prebuilt or built on first use
-#                                                                        build.log
-#   gpu_tests  tests/test_gpu.py -m "gpu and not gpu_extra", TRITON_INTERPRET unset (Triton
-#              compiled for real; the stage fails if no test ran)      gpu_tests.log, .junit.xml
-#   bench      benchmarks/bench_step.py --device cuda --phases --budget-s ...   bench.log, bench/
-#   extra      the gpu_extra checks (tests/test_gpu_extra*.py, tests/test_gpu.py); none
-#              collected counts as ok                                  extra.log, extra.junit.xml
-#   full       bench_step.py --full with the time left (at least GPU_CHECK_FULL_MIN_S)
-#                                                                        full.log, bench_full/
+#   env        nvidia-smi, python / torch / triton / nvcc versions          env.txt, env.json
+#   build      the native CUDA module (then the CPU one), built ONCE into GPU_CHECK_BUILD_DIR,
+#              the full compiler log kept; every later stage loads it from there (a stage that
+#              would build again says so: "REBUILT")                         build.log
+#   check      python -m sngm_ext --check: every backend against the reference on small cases;
+#              fails unless triton and cuda both PASS on cuda                check.log
+#   gpu_tests  tests/test_gpu.py -m "gpu and not gpu_extra" (Triton compiled) gpu_tests.log, .junit.xml
+#   extra      tests/test_gpu_extra.py -m gpu_extra: large (40M fp32, a 2^31+ bf16 tensor) and
+#              edge cases, CUDA-graph capture with and without a warm-up     extra.log, .junit.xml
+#   bench      benchmarks/bench_step.py --device cuda --phases --sets GPU_CHECK_BENCH_SETS with
+#              whatever time is left (it saves after every set)             bench.log, bench/
+#
+# Budget: GPU_CHECK_BUDGET_S (450 s) = the correctness stages' plans (env 15 + build 100 +
+# check 45 + gpu_tests 90 + extra 75 = 325 s) + GPU_CHECK_RESERVE_S (5 s, the summary) + the
+# benchmark (what is left: 120 s when every stage keeps to its plan). A correctness stage may run
+# past its plan, up to its cap, but never into the plans of the correctness stages after it: each
+# of them always gets at least its plan, and only the benchmark is squeezed (skipped below
+# GPU_CHECK_BENCH_MIN_S). The plans come from measurements (docs/gpu_verification.md#the-plan):
+# the CUDA build's two files take 29 s and 39 s with nvcc 13 on 2 CPU cores; every Triton
+# variant the launchers can compile (29: scripts/triton_aot_check.py, no integer specialization)
+# takes at most 0.82 s with triton 3.6 (0.37 s on average), each once per kit (TRITON_CACHE_DIR).
 #
 # status.tsv: a header, then one line per stage: stage, status (ok / failed / timeout / skipped),
-# seconds, log file (in OUT_DIR), note. summary.txt (also printed at the end): status.tsv and the
-# key lines of each stage. Exit status 0 whenever the kit ran (stage failures are in status.tsv);
-# 2 for a kit error (usage, OUT_DIR, missing tools), 130 when interrupted.
+# seconds, planned seconds, limit, log file, note (why, for a failure). summary.txt (also printed
+# at the end): the plan, status.tsv and the key lines ("kit-note: ...") of every stage, with the
+# last lines of the log of a stage that failed. Exit status 0 whenever the kit ran (stage failures
+# are in status.tsv); 2 for a kit error (usage, OUT_DIR, a bad setting, missing tools), 130 when
+# interrupted.
 #
 # Environment (seconds may have decimals):
-#   GPU_CHECK_BUDGET_S=450        total budget; GPU_CHECK_RESERVE_S=5 of it is kept for the summary
-#   GPU_CHECK_CAP_<STAGE>         per-stage caps: ENV 30, BUILD 240, GPU_TESTS 150, BENCH 120,
-#                                 EXTRA 90, FULL 600
-#   GPU_CHECK_MIN_STAGE_S=10      a stage with less than this left is skipped
-#   GPU_CHECK_FULL_MIN_S=45       the same, for the full benchmark
-#   GPU_CHECK_BENCH_MARGIN_S=15   bench_step.py gets --budget-s = its stage limit minus this
+#   GPU_CHECK_BUDGET_S=450, GPU_CHECK_RESERVE_S=5
+#   GPU_CHECK_PLAN_<STAGE>   the correctness stages' plans (ENV 15, BUILD 100, CHECK 45,
+#                            GPU_TESTS 90, EXTRA 75)
+#   GPU_CHECK_CAP_<STAGE>    hard caps: ENV 30, BUILD 240, CHECK 120, GPU_TESTS 240, EXTRA 240,
+#                            BENCH 600
+#   GPU_CHECK_MIN_STAGE_S=10 a correctness stage with less than this is skipped
+#   GPU_CHECK_BENCH_MIN_S=30 the benchmark is skipped with less than this left
+#   GPU_CHECK_BENCH_SETS=resnet20,resnet50,gpt2,decoder1b,counts
+#   GPU_CHECK_BENCH_MARGIN_S=15   bench_step.py gets --budget-s = its limit minus this
 #   GPU_CHECK_KILL_AFTER_S=5      SIGKILL this long after the SIGTERM of a timeout
 #   GPU_CHECK_STAGES=a,b          run only these stages (the others: skipped), e.g. for a rerun
+#   GPU_CHECK_BUILD_DIR=DIR       where the native modules and Triton's cache go, shared by every
+#                                 stage and kept for a rerun (default build/gpu_check in the root)
 #   GPU_CHECK_ARCHIVE=FILE.tgz    after every stage, OUT_DIR packed into FILE (for a machine that
 #                                 returns few files: GPU_CHECK_ARCHIVE=$OUT/gpu_check.tgz)
 #   GPU_CHECK_PYTHON / PYTHON     the interpreter (default: python, else python3)
 #   TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16   exported for every stage unless already set
-# --dry-run (any machine, no GPU, a few seconds): the same plumbing, each stage's command replaced
-# by a short stand-in that prints the command it stands for and writes the stage's JSON / XML.
+# --dry-run (any machine, a few seconds): the same plumbing, each stage's command replaced by a
+# short stand-in that prints the command it stands for, its plan and limit, and writes the
+# stage's JSON / XML.
 #   GPU_CHECK_DRY_TIMEOUT=a,b     these stages' stand-ins sleep past their limit (the timeout path)
 #   GPU_CHECK_DRY_FAIL=a,b        these stages' stand-ins exit 3 (the failure path)
-#   GPU_CHECK_DRY_SLEEP_S=0       every other stand-in sleeps this long first
+#   GPU_CHECK_DRY_SLEEP_S=0       every other stand-in sleeps this long first; "plan": each
+#                                 correctness stage's 4/5 of its plan (the schedule, timed)
+#   GPU_CHECK_DRY_SLEEP_<STAGE>   the same for one stage (an overrun, say)
+# --rehearse (a CPU machine, a few minutes): the real stages where a CPU can run them, Triton in
+# its interpreter: env (no GPU needed), build (the CPU module only), check (triton and cpu on CPU
+# tensors), gpu_tests (tests/test_gpu_power.py: the GPU tests' checks against broken kernels),
+# extra (the GPU test files collected), bench (bench_step.py --device cpu --sets resnet20).
 set -u
 
-STAGES=(env build gpu_tests bench extra full)
+STAGES=(env build check gpu_tests extra bench)
+CORRECTNESS=(env build check gpu_tests extra)  # always get their plan; bench takes what is left
 
 die() { echo "gpu_check: $*" >&2; exit 2; }
 
 usage() {
-  sed -n '2,4p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
-  echo "  (see the comments at the top of scripts/gpu_check.sh for stages, outputs and variables)"
+  sed -n '2,6p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  echo "  (see the comments at the top of scripts/gpu_check.sh for stages, budget, outputs and variables)"
 }
 
 # ---------------------------------------------------------------------------------------- time
@@ -90,11 +114,12 @@ in_list() {  # in_list WORD "a,b c": is WORD in the comma / space separated list
 # ---------------------------------------------------------------------------------------- stages
 # Each runs in its own process (this script again, under `timeout`), its stdout and stderr the
 # stage's log. "kit-note: ..." lines are the key lines: the first goes into status.tsv, all of them
-# into the summary. Variables from the parent: GC_OUT, GC_PY, GC_DRY, GC_LIMIT_MS.
+# into the summary. Variables from the parent: GC_OUT, GC_PY, GC_MODE (gpu / dry / rehearse),
+# GC_DEVICE (cuda / cpu), GC_LIMIT_MS, GC_PLAN_MS, STAGE.
 
 quote() { local q; printf -v q '%q ' "$@"; echo "${q% }"; }
 
-note() { echo "kit-note: $([ "${GC_DRY:-0}" = 1 ] && echo '[dry-run] ')$*"; }
+note() { echo "kit-note: $([ "$GC_MODE" = dry ] && echo '[dry-run] ')$*"; }
 
 # stand_in STAGE COMMAND...: --dry-run's replacement of COMMAND (prints it, then writes the stage's
 # outputs with a short python, or sleeps past the limit, or fails, as the GPU_CHECK_DRY_* say).
@@ -102,15 +127,22 @@ stand_in() {
   local stage=$1
   shift
   echo "dry-run: would run: $(quote "$@")"
+  echo "dry-run: $stage planned $(secs1 "$GC_PLAN_MS") s, limit $(secs1 "$GC_LIMIT_MS") s"
   local partial=0
   if in_list "$stage" "${GPU_CHECK_DRY_TIMEOUT:-}"; then
-    case $stage in bench | full) partial=1 ;; *) partial=2 ;; esac
+    case $stage in bench) partial=1 ;; *) partial=2 ;; esac
   elif in_list "$stage" "${GPU_CHECK_DRY_FAIL:-}"; then
     echo "dry-run: GPU_CHECK_DRY_FAIL: exiting 3"
     return 3
   fi
+  local var="GPU_CHECK_DRY_SLEEP_${stage^^}" sleep
+  sleep=${!var:-${GPU_CHECK_DRY_SLEEP_S:-0}}
+  if [ "$sleep" = plan ]; then  # a correctness stage that keeps to its plan (its start included)
+    sleep=0
+    [ "$stage" = bench ] || sleep=$(secs $((GC_PLAN_MS * 4 / 5)))
+  fi
   if [ "$partial" != 2 ]; then  # the stage's outputs (a benchmark's partial ones before a timeout)
-    "$GC_PY" - "$stage" "$GC_OUT" "${GPU_CHECK_DRY_SLEEP_S:-0}" "$partial" "$@" <<'EOF' || return
+    "$GC_PY" - "$stage" "$GC_OUT" "$sleep" "$partial" "$@" <<'EOF' || return
 import json, os, platform, sys, time
 stage, out, sleep, partial, cmd = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4] == "1", sys.argv[5:]
 time.sleep(0 if partial else sleep)
@@ -131,13 +163,17 @@ if stage == "env":
         json.dump({"dry_run": True, "python": platform.python_version(), "gpu": "dry-run",
                    "driver": None, "torch": None, "triton": None, "nvcc": None}, f, indent=1)
 elif stage == "build":
-    print("sngm_ext native: {'cuda': {'how': 'prebuilt', 'path': 'dry-run'}}")
+    print("sngm_ext native: {'cuda': {'how': 'built on first use', 'path': 'dry-run'}}")
+elif stage == "check":
+    for line in ("PASS triton on cuda: 7 cases, worst error 0.50 of its bound, 1.0 s",
+                 "PASS cuda on cuda: 7 cases, worst error 0.50 of its bound, 1.0 s",
+                 "SKIP cpu on cpu: dry-run", "check: all backends match the reference"):
+        print(line)
 elif stage in ("gpu_tests", "extra"):
-    xml = cmd[cmd.index("--junitxml") + 1] if "--junitxml" in cmd else None
-    xml = xml or next(a.split("=", 1)[1] for a in cmd if a.startswith("--junitxml="))
+    xml = next(a.split("=", 1)[1] for a in cmd if a.startswith("--junitxml="))
     junit(xml, 3, 1)
     print("3 passed, 1 skipped in 0.01s")
-elif stage in ("bench", "full"):
+elif stage == "bench":
     d = cmd[cmd.index("--out") + 1]
     b = float(cmd[cmd.index("--budget-s") + 1])
     os.makedirs(d, exist_ok=True)
@@ -169,11 +205,19 @@ EOF
 run_or_stand_in() {
   local stage=$1
   shift
-  if [ "$GC_DRY" = 1 ]; then
+  if [ "$GC_MODE" = dry ]; then
     stand_in "$stage" "$@"
   else
     echo "+ $(quote "$@")"
     "$@"
+  fi
+}
+
+# rebuilt_note LOG: a stage after `build` that built a native module again says so (the build
+# stage's modules were not found: it cost this stage the build's time).
+rebuilt_note() {
+  if grep -q '^sngm_ext: building' "$1" 2>/dev/null; then
+    note "REBUILT a native module in this stage: $(grep -m1 '^sngm_ext: building' "$1" | cut -c1-160)"
   fi
 }
 
@@ -229,6 +273,8 @@ bench_notes() {
   "$GC_PY" - "$1" <<'EOF'
 import json, os, sys
 path = os.path.join(sys.argv[1], "latest_gpu.json")
+if not os.path.exists(path):  # --rehearse measures on CPU
+    path = os.path.join(sys.argv[1], "latest_cpu.json")
 try:
     with open(path) as f:
         rep = json.load(f)
@@ -262,7 +308,7 @@ EOF
 }
 
 stage_env() {
-  if [ "$GC_DRY" = 1 ]; then
+  if [ "$GC_MODE" = dry ]; then
     run_or_stand_in env nvidia-smi
     return
   fi
@@ -275,6 +321,8 @@ stage_env() {
     /usr/local/cuda/bin/nvcc --version; else echo "(no nvcc on PATH or in /usr/local/cuda/bin)"; fi
   echo "== ninja $(ninja --version 2>/dev/null || echo missing), $(c++ --version 2>/dev/null | head -1)"
   echo "== git $(git rev-parse HEAD 2>/dev/null || echo '?')$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo ' (dirty)')"
+  echo "== sngm_ext from $(dirname "$("$GC_PY" -c 'import sngm_ext; print(sngm_ext.__file__)' 2>&1)")" \
+    "(PYTHONPATH=$PYTHONPATH)"
   echo "== python"
   "$GC_PY" - "$GC_OUT/env.json" <<'EOF'
 import json, os, platform, re, shutil, subprocess, sys
@@ -320,79 +368,107 @@ print(f"kit-note: {info.get('gpu', 'no GPU (nvidia-smi)')}, driver {info.get('dr
       f"torch {info.get('torch')} (CUDA {info.get('torch_cuda')}, available: "
       f"{info.get('cuda_available')}), triton {info.get('triton')}, nvcc {info.get('nvcc')}, "
       f"python {info['python']}")
-sys.exit(0 if info.get("cuda_available") else 1)
+sys.exit(0 if info.get("cuda_available") or os.environ.get("GC_DEVICE") == "cpu" else 1)
 EOF
 }
 
+# build: each native module loaded (built unless cached in SNGM_EXTENSIONS_DIR) in a process of
+# its own, the compiler's output in full (SNGM_VERBOSE_BUILD=1). CUDA first: the GPU stages need
+# it; the CPU module only serves the bf16-vs-CPU test and --check's cpu line.
 stage_build() {
-  local rc
-  echo "== build: pip install -e . (offline: --no-index, --no-build-isolation, --no-deps)," \
-    "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
-  PIP_DISABLE_PIP_VERSION_CHECK=1 run_or_stand_in build "$GC_PY" -m pip install --no-index --no-build-isolation --no-deps -e .
-  rc=$?
-  if [ "$rc" = 0 ]; then
-    note "pip install -e . worked offline"
-  else
-    note "pip install -e . failed (exit $rc): the CUDA module is built on first use below"
+  local parts=(cuda cpu) part rc=0
+  [ "$GC_DEVICE" = cpu ] && parts=(cpu)
+  echo "== build into SNGM_EXTENSIONS_DIR=$SNGM_EXTENSIONS_DIR (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS); Triton's cache: TRITON_CACHE_DIR=$TRITON_CACHE_DIR"
+  if [ "$GC_MODE" = dry ]; then
+    run_or_stand_in build "$GC_PY" -c "from sngm_ext import native; native.load_ops('cuda'); native.load_ops('cpu')"
+    return
   fi
-  [ "$GC_DRY" = 1 ] && return "$rc"
-  echo "== first use: native.load_ops('cuda') (builds it there unless prebuilt)"
-  SNGM_VERBOSE_BUILD=1 "$GC_PY" - <<'EOF'
+  for part in "${parts[@]}"; do
+    echo "== native.load_ops('$part')"
+    SNGM_VERBOSE_BUILD=1 "$GC_PY" - "$part" <<'EOF'
 import sys, time
-import torch
-import sngm_ext
+part = sys.argv[1]
 from sngm_ext import native
 t0 = time.perf_counter()
 try:
-    native.load_ops("cuda")
+    native.load_ops(part)
 except Exception as e:
-    print(f"kit-note: the CUDA module does not load: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
     print(e)
+    print(f"kit-note: the {part.upper()} module does not load: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
     sys.exit(1)
-dt = time.perf_counter() - t0
-try:
-    native.load_ops("cpu")
-except Exception as e:
-    print(f"(the CPU module does not load: {e})")
-info = native.info()
-print(f"sngm_ext native: {info}")
-cuda = info.get("cuda", {})
-print(f"kit-note: CUDA module {cuda.get('how')} ({dt:.1f} s): {cuda.get('path')}")
-cpu = info.get("cpu")
-if isinstance(cpu, dict):
-    print(f"kit-note: CPU module {cpu.get('how')}: {cpu.get('path')}")
+info = native.info().get(part, {})
+print(f"kit-note: {part.upper()} module {info.get('how')} in {time.perf_counter() - t0:.1f} s: {info.get('path')}")
 EOF
+    case "$part:$?" in
+      *:0) ;;
+      "$GC_DEVICE":*) rc=1 ;;  # the device's module is required
+      *) note "(the $part module is optional here)" ;;
+    esac
+  done
+  return "$rc"
 }
 
-stage_gpu_tests() {
-  local xml="$GC_OUT/gpu_tests.junit.xml" rc jrc
+# check: python -m sngm_ext --check, which must PASS triton and (on a GPU) cuda on the device.
+stage_check() {
+  local rc need
+  if [ "$GC_DEVICE" = cpu ]; then
+    run_or_stand_in check env TRITON_INTERPRET=1 "$GC_PY" -m sngm_ext --check
+  else
+    run_or_stand_in check env -u TRITON_INTERPRET "$GC_PY" -m sngm_ext --check
+  fi 2>&1 | tee "$GC_OUT/.check.out"
+  rc=${PIPESTATUS[0]}
+  grep -E '^(PASS|FAIL|SKIP) ' "$GC_OUT/.check.out" | while IFS= read -r line; do note "$line"; done
+  for need in triton $([ "$GC_DEVICE" = cuda ] && echo cuda); do
+    if ! grep -q "^PASS $need on $GC_DEVICE:" "$GC_OUT/.check.out"; then
+      note "$need did not PASS on $GC_DEVICE"
+      [ "$rc" = 0 ] && rc=1
+    fi
+  done
+  rm -f "$GC_OUT/.check.out"
+  rebuilt_note "$GC_OUT/check.log"
+  return "$rc"
+}
+
+# pytest_stage XML PYTEST_ARGS...: pytest with TRITON_INTERPRET unset (Triton compiled for real)
+# on a GPU, set under --rehearse; notes from the junit file; fails when no test ran.
+pytest_stage() {
+  local xml=$1 rc jrc interp=(-u TRITON_INTERPRET)
+  shift
   rm -f "$xml"
-  run_or_stand_in gpu_tests env -u TRITON_INTERPRET "$GC_PY" -m pytest -q -p no:cacheprovider \
-    tests/test_gpu.py -m "gpu and not gpu_extra" -rA --junitxml="$xml"
+  [ "$GC_DEVICE" = cpu ] && interp=(TRITON_INTERPRET=1)
+  run_or_stand_in "$STAGE" env "${interp[@]}" "$GC_PY" -m pytest -p no:cacheprovider -rA \
+    --junitxml="$xml" "$@"
   rc=$?
   echo "== pytest exit status $rc"
   case $rc in 0 | 1 | 5) ;; *) note "pytest exit status $rc (2: interrupted, 3: internal error, 4: usage error)" ;; esac
   junit_notes "$xml" require_one
   jrc=$?
   [ "$rc" = 0 ] && [ "$jrc" != 0 ] && rc=1
+  rebuilt_note "$GC_OUT/$STAGE.log"
   return "$rc"
 }
 
-stage_extra() {
-  local xml="$GC_OUT/extra.junit.xml" rc f files=(tests/test_gpu.py)
-  rm -f "$xml"
-  for f in tests/test_gpu_extra*.py; do [ -f "$f" ] && files+=("$f"); done
-  run_or_stand_in extra env -u TRITON_INTERPRET "$GC_PY" -m pytest -q -p no:cacheprovider \
-    "${files[@]}" -m gpu_extra -rA --junitxml="$xml"
-  rc=$?
-  echo "== pytest exit status $rc"
-  case $rc in 0 | 1 | 5) ;; *) note "pytest exit status $rc (2: interrupted, 3: internal error, 4: usage error)" ;; esac
-  if [ "$rc" = 5 ]; then
-    note "no gpu_extra tests collected (counted as ok)"
-    return 0
+stage_gpu_tests() {
+  if [ "$GC_DEVICE" = cpu ]; then  # the GPU tests' checks, on CPU, against broken kernels
+    pytest_stage "$GC_OUT/gpu_tests.junit.xml" -q tests/test_gpu_power.py
+  else
+    pytest_stage "$GC_OUT/gpu_tests.junit.xml" -v tests/test_gpu.py -m "gpu and not gpu_extra"
   fi
-  junit_notes "$xml" require_one || { [ "$rc" = 0 ] && rc=1; }  # collected, none ran: failed
-  return "$rc"
+}
+
+stage_extra() {
+  if [ "$GC_DEVICE" = cpu ]; then  # no CUDA: the GPU test files must at least import and collect
+    run_or_stand_in extra "$GC_PY" -m pytest -p no:cacheprovider --collect-only -q \
+      tests/test_gpu.py tests/test_gpu_extra.py
+    local rc=$?
+    if [ "$rc" = 0 ]; then
+      note "the GPU test files collect (they run on a GPU only)"
+    else
+      note "the GPU test files do not collect (pytest exit status $rc)"
+    fi
+    return "$rc"
+  fi
+  pytest_stage "$GC_OUT/extra.junit.xml" -v tests/test_gpu_extra.py -m gpu_extra
 }
 
 # bench_budget_s: the stage limit less GPU_CHECK_BENCH_MARGIN_S (the process's start and end);
@@ -403,11 +479,15 @@ bench_budget_s() {
   if [ $((lim - margin)) -lt $((lim / 2)) ]; then secs $((lim / 2)); else secs $((lim - margin)); fi
 }
 
-stage_bench_dir() {  # stage_bench_dir DIR [--full]
-  local dir=$1 rc
-  shift
-  rm -f "$dir"/latest_gpu.json "$dir"/latest_gpu.md "$dir"/latest_gpu.png
-  run_or_stand_in "$STAGE" "$GC_PY" benchmarks/bench_step.py --device cuda "$@" \
+stage_bench() {
+  local dir=$GC_OUT/bench rc args
+  rm -f "$dir"/latest_gpu.json "$dir"/latest_gpu.md "$dir"/latest_gpu.png "$dir"/latest_cpu.*
+  if [ "$GC_DEVICE" = cpu ]; then
+    args=(--device cpu --threads 1 --rounds 1 --no-plot --sets resnet20)
+  else
+    args=(--device cuda --phases --sets "${GPU_CHECK_BENCH_SETS:-resnet20,resnet50,gpt2,decoder1b,counts}")
+  fi
+  run_or_stand_in bench "$GC_PY" benchmarks/bench_step.py "${args[@]}" \
     --budget-s "$(bench_budget_s)" --out "$dir"
   rc=$?
   echo "== bench_step.py exit status $rc"
@@ -416,14 +496,12 @@ stage_bench_dir() {  # stage_bench_dir DIR [--full]
   return "$rc"
 }
 
-stage_bench() { stage_bench_dir "$GC_OUT/bench" --phases; }  # the ops alone too: cheap on a GPU
-stage_full() { stage_bench_dir "$GC_OUT/bench_full" --full; }
-
 # ---------------------------------------------------------------------------------------- driver
 
-status_line() {  # status_line STAGE STATUS MS LOG NOTE
-  local n=${5//$'\t'/ }
-  printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$(secs1 "$3")" "$4" "${n:0:200}" >>"$OUT/status.tsv"
+status_line() {  # status_line STAGE STATUS MS PLAN_MS LIMIT_MS LOG NOTE
+  local n=${7//$'\t'/ }
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$(secs1 "$3")" "$(secs1 "$4")" "$(secs1 "$5")" \
+    "$6" "${n:0:200}" >>"$OUT/status.tsv"
 }
 
 archive() {
@@ -447,33 +525,58 @@ on_signal() {
 
 log_name() { if [ "$1" = env ]; then echo env.txt; else echo "$1.log"; fi; }
 
-# run_stage STAGE CAP_MS MIN_MS
+is_correctness() { in_list "$1" "${CORRECTNESS[*]}"; }
+selected() { [ -z "${GPU_CHECK_STAGES:-}" ] || in_list "$1" "$GPU_CHECK_STAGES"; }
+
+# later_plans_ms STAGE: the time kept for the selected correctness stages after STAGE: each one's
+# plan, and the KILL_AFTER_S a stage stopped at its limit may take to end.
+later_plans_ms() {
+  local s after=0 sum=0
+  for s in "${CORRECTNESS[@]}"; do
+    if [ "$after" = 1 ] && selected "$s"; then sum=$((sum + ${PLAN[$s]} + KILL_AFTER_MS)); fi
+    [ "$s" = "$1" ] && after=1
+  done
+  echo "$sum"
+}
+
+# run_stage STAGE
 run_stage() {
-  local stage=$1 cap=$2 min=$3 log left limit t0 t1 rc status note
+  local stage=$1 cap=${CAPS[$1]} plan=0 min log left avail limit t0 t1 rc status note
   log=$(log_name "$stage")
   left=$((BUDGET_MS - RESERVE_MS - ($(now_ms) - T0)))
+  if is_correctness "$stage"; then
+    plan=${PLAN[$stage]}
+    min=$MIN_STAGE_MS
+    avail=$((left - $(later_plans_ms "$stage")))
+  else
+    min=$BENCH_MIN_MS
+    avail=$left
+  fi
+  # A stage stopped at its limit may take KILL_AFTER_S more to end: that time is not the next's.
+  avail=$((avail - KILL_AFTER_MS))
+  [ "$stage" = bench ] && plan=$((avail > 0 ? avail : 0))
   if [ "$INTERRUPTED" = 1 ]; then
     status=skipped note="interrupted"
-  elif [ -n "${GPU_CHECK_STAGES:-}" ] && ! in_list "$stage" "$GPU_CHECK_STAGES"; then
+  elif ! selected "$stage"; then
     status=skipped note="not in GPU_CHECK_STAGES"
-  elif [ "$left" -lt "$min" ] || [ "$left" -le 0 ]; then
-    status=skipped note="$(secs1 $((left > 0 ? left : 0))) s of the budget left (needs $(secs1 "$min") s)"
+  elif [ "$avail" -lt "$min" ] || [ "$avail" -le 0 ]; then
+    status=skipped note="$(secs1 $((avail > 0 ? avail : 0))) s of the budget left for it (needs $(secs1 "$min") s)"
   else
     status=""
   fi
   if [ -n "$status" ]; then
     echo "kit-note: skipped: $note" >"$OUT/$log"
-    status_line "$stage" skipped 0 "$log" "$note"
+    status_line "$stage" skipped 0 "$plan" 0 "$log" "$note"
     printf '[gpu_check %6s s] %-9s skipped (%s)\n' "$(secs1 $(($(now_ms) - T0)))" "$stage" "$note"
     archive
     return
   fi
-  limit=$((cap < left ? cap : left))
-  printf '[gpu_check %6s s] %-9s started, limit %s s, log %s\n' "$(secs1 $(($(now_ms) - T0)))" \
-    "$stage" "$(secs1 "$limit")" "$log"
+  limit=$((cap < avail ? cap : avail))
+  printf '[gpu_check %6s s] %-9s started, planned %s s, limit %s s, log %s\n' \
+    "$(secs1 $(($(now_ms) - T0)))" "$stage" "$(secs1 "$plan")" "$(secs1 "$limit")" "$log"
   t0=$(now_ms)
-  GC_LIMIT_MS=$limit STAGE=$stage timeout --kill-after="$KILL_AFTER_S" "$(secs "$limit")" \
-    "${DEFAULT_PIPE[@]}" bash "$SELF" __stage "$stage" >"$OUT/$log" 2>&1 </dev/null &
+  GC_LIMIT_MS=$limit GC_PLAN_MS=$plan STAGE=$stage timeout --kill-after="$KILL_AFTER_S" \
+    "$(secs "$limit")" "${DEFAULT_PIPE[@]}" bash "$SELF" __stage "$stage" >"$OUT/$log" 2>&1 </dev/null &
   CUR_PID=$!
   while :; do
     wait "$CUR_PID"
@@ -493,10 +596,9 @@ run_stage() {
     status=timeout
     echo "kit-note: timed out after $(secs1 "$limit") s (exit $rc)" >>"$OUT/$log"
     local partial=""
-    case $stage in  # what the benchmark wrote before it was stopped (it saves after every set)
-      bench) partial=$(GC_PY=$PY bench_notes "$OUT/bench" 2>&1) ;;
-      full) partial=$(GC_PY=$PY bench_notes "$OUT/bench_full" 2>&1) ;;
-    esac
+    if [ "$stage" = bench ]; then  # what the benchmark wrote before it was stopped
+      partial=$(GC_PY=$PY bench_notes "$OUT/bench" 2>&1)
+    fi
     if [ -n "$partial" ]; then
       echo "$partial" >>"$OUT/$log"
       note=$(echo "$partial" | grep -m1 '^kit-note: ' | sed 's/^kit-note: //')
@@ -504,21 +606,36 @@ run_stage() {
     note="timed out after $(secs1 "$limit") s${note:+; $note}"
   else
     status=failed
-    [ -z "$note" ] && note="exit $rc"
+    # why: the first key line that names a failure, else the first key line, else the exit status
+    note=$(grep -m1 -E '^kit-note: .*(FAIL|ERROR|does not|did not|no test|no junit|exit status|REBUILT)' \
+      "$OUT/$log" | sed 's/^kit-note: //')
+    [ -z "$note" ] && note=$(grep -m1 '^kit-note: ' "$OUT/$log" | sed 's/^kit-note: //')
+    note="${note:-exit $rc}"
   fi
-  status_line "$stage" "$status" $((t1 - t0)) "$log" "$note"
+  status_line "$stage" "$status" $((t1 - t0)) "$plan" "$limit" "$log" "$note"
   printf '[gpu_check %6s s] %-9s %s in %s s%s\n' "$(secs1 $((t1 - T0)))" "$stage" "$status" \
     "$(secs1 $((t1 - t0)))" "${note:+: ${note:0:120}}"
   archive
 }
 
+plan_line() {
+  local s parts=() sum=0
+  for s in "${CORRECTNESS[@]}"; do
+    parts+=("$s $(secs1 "${PLAN[$s]}")")
+    sum=$((sum + ${PLAN[$s]}))
+  done
+  echo "plan (s): ${parts[*]/%/ +} bench $(secs1 $((BUDGET_MS - RESERVE_MS - sum))) (what is left)" \
+    "+ reserve $(secs1 "$RESERVE_MS") = budget $(secs1 "$BUDGET_MS")" | sed 's/ + +/ +/g'
+}
+
 summary() {
-  local stage status s log n
+  local stage status s plan lim log n
   {
-    echo "== gpu_check summary$([ "$DRY" = 1 ] && echo ' (dry-run)'): $(secs1 $(($(now_ms) - T0))) s of a $(secs1 "$BUDGET_MS") s budget, in $OUT"
+    echo "== gpu_check summary$([ "$MODE" != gpu ] && echo " ($MODE)"): $(secs1 $(($(now_ms) - T0))) s of a $(secs1 "$BUDGET_MS") s budget, in $OUT"
+    plan_line
     if command -v column >/dev/null; then column -t -s $'\t' "$OUT/status.tsv"; else cat "$OUT/status.tsv"; fi
     echo "== key lines"
-    while IFS=$'\t' read -r stage status s log n; do
+    while IFS=$'\t' read -r stage status s plan lim log n; do
       [ "$stage" = stage ] && continue
       echo "-- $stage: $status"
       [ -f "$OUT/$log" ] || continue
@@ -533,11 +650,12 @@ summary() {
 }
 
 main() {
-  local a out_arg="" stage cap_var min
-  DRY=0
+  local a out_arg="" stage var sum=0
+  MODE=gpu
   for a in "$@"; do
     case "$a" in
-      --dry-run) DRY=1 ;;
+      --dry-run) [ "$MODE" = gpu ] || die "--dry-run and --rehearse exclude each other"; MODE=dry ;;
+      --rehearse) [ "$MODE" = gpu ] || die "--dry-run and --rehearse exclude each other"; MODE=rehearse ;;
       -h | --help) usage; exit 0 ;;
       -*) usage >&2; die "unknown option: $a" ;;
       *) [ -z "$out_arg" ] || die "one OUT_DIR only (got '$out_arg' and '$a')"; out_arg=$a ;;
@@ -548,21 +666,30 @@ main() {
   # settings first: a bad one is a kit error before anything is written
   BUDGET_MS=$(to_ms GPU_CHECK_BUDGET_S "${GPU_CHECK_BUDGET_S:-450}") || exit 2
   RESERVE_MS=$(to_ms GPU_CHECK_RESERVE_S "${GPU_CHECK_RESERVE_S:-5}") || exit 2
-  local min_ms full_min_ms
-  min_ms=$(to_ms GPU_CHECK_MIN_STAGE_S "${GPU_CHECK_MIN_STAGE_S:-10}") || exit 2
-  full_min_ms=$(to_ms GPU_CHECK_FULL_MIN_S "${GPU_CHECK_FULL_MIN_S:-45}") || exit 2
+  MIN_STAGE_MS=$(to_ms GPU_CHECK_MIN_STAGE_S "${GPU_CHECK_MIN_STAGE_S:-10}") || exit 2
+  BENCH_MIN_MS=$(to_ms GPU_CHECK_BENCH_MIN_S "${GPU_CHECK_BENCH_MIN_S:-30}") || exit 2
   to_ms GPU_CHECK_BENCH_MARGIN_S "${GPU_CHECK_BENCH_MARGIN_S:-15}" >/dev/null || exit 2
   KILL_AFTER_S=${GPU_CHECK_KILL_AFTER_S:-5}
-  to_ms GPU_CHECK_KILL_AFTER_S "$KILL_AFTER_S" >/dev/null || exit 2
-  declare -A CAPS=([env]=30 [build]=240 [gpu_tests]=150 [bench]=120 [extra]=90 [full]=600)
+  KILL_AFTER_MS=$(to_ms GPU_CHECK_KILL_AFTER_S "$KILL_AFTER_S") || exit 2
+  declare -gA PLAN=([env]=15 [build]=100 [check]=45 [gpu_tests]=90 [extra]=75)
+  declare -gA CAPS=([env]=30 [build]=240 [check]=120 [gpu_tests]=240 [extra]=240 [bench]=600)
   for stage in "${STAGES[@]}"; do
-    cap_var="GPU_CHECK_CAP_${stage^^}"
-    CAPS[$stage]=$(to_ms "$cap_var" "${!cap_var:-${CAPS[$stage]}}") || exit 2
+    var="GPU_CHECK_CAP_${stage^^}"
+    CAPS[$stage]=$(to_ms "$var" "${!var:-${CAPS[$stage]}}") || exit 2
+  done
+  for stage in "${CORRECTNESS[@]}"; do
+    var="GPU_CHECK_PLAN_${stage^^}"
+    PLAN[$stage]=$(to_ms "$var" "${!var:-${PLAN[$stage]}}") || exit 2
+    [ "${PLAN[$stage]}" -le "${CAPS[$stage]}" ] || die "$var exceeds the stage's cap"
   done
   a=${GPU_CHECK_STAGES:-}
   for a in ${a//,/ }; do
     in_list "$a" "${STAGES[*]}" || die "GPU_CHECK_STAGES: unknown stage '$a' (stages: ${STAGES[*]})"
   done
+  for stage in "${CORRECTNESS[@]}"; do
+    selected "$stage" && sum=$((sum + ${PLAN[$stage]} + KILL_AFTER_MS))
+  done
+  [ $((sum + RESERVE_MS)) -le "$BUDGET_MS" ] || die "GPU_CHECK_BUDGET_S=$(secs1 "$BUDGET_MS") is less than the correctness stages' plans, their GPU_CHECK_KILL_AFTER_S and the reserve ($(secs1 $((sum + RESERVE_MS))) s): every one of them must fit"
 
   ROOT=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd) || die "cannot find the repository root"
   [ -f "$ROOT/benchmarks/bench_step.py" ] && [ -d "$ROOT/sngm_ext" ] \
@@ -579,12 +706,19 @@ main() {
     if command -v python >/dev/null; then PY=python; else PY=python3; fi
   fi
   command -v "$PY" >/dev/null || die "no python ($PY) on PATH"
+  BUILD_DIR=${GPU_CHECK_BUILD_DIR:-$ROOT/build/gpu_check}
+  [ "$MODE" = dry ] || mkdir -p -- "$BUILD_DIR" || die "cannot create GPU_CHECK_BUILD_DIR $BUILD_DIR"
 
-  export GC_OUT=$OUT GC_PY=$PY GC_DRY=$DRY PYTHONUNBUFFERED=1
+  export GC_OUT=$OUT GC_PY=$PY GC_MODE=$MODE PYTHONUNBUFFERED=1
+  export GC_DEVICE=$([ "$MODE" = rehearse ] && echo cpu || echo cuda)
+  # The checkout itself, never an install: sngm_ext and its triton_kernels/ from here.
+  export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+  # One build of each native module and one compile of each Triton variant, for every stage.
+  export SNGM_EXTENSIONS_DIR=$BUILD_DIR/extensions TRITON_CACHE_DIR=$BUILD_DIR/triton_cache
   # The H200 / H100 arch for every build, the kit's and a first use's alike (one cached build).
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
   T0=$(now_ms)
-  printf 'stage\tstatus\tseconds\tlog\tnote\n' >"$OUT/status.tsv" || die "cannot write $OUT/status.tsv"
+  printf 'stage\tstatus\tseconds\tplanned\tlimit\tlog\tnote\n' >"$OUT/status.tsv" || die "cannot write $OUT/status.tsv"
   rm -f -- "$OUT/summary.txt"
   trap 'on_signal' INT TERM HUP
   # A closed stdout (`| head`) must not stop the kit (its record is in OUT_DIR); the stages get
@@ -592,11 +726,10 @@ main() {
   DEFAULT_PIPE=()
   env --default-signal=PIPE true 2>/dev/null && DEFAULT_PIPE=(env --default-signal=PIPE)
   trap '' PIPE
-  echo "[gpu_check] $(date -u +%Y-%m-%dT%H:%M:%SZ) budget $(secs1 "$BUDGET_MS") s, out $OUT, python $PY$([ "$DRY" = 1 ] && echo ', DRY RUN')"
+  echo "[gpu_check] $(date -u +%Y-%m-%dT%H:%M:%SZ) budget $(secs1 "$BUDGET_MS") s, out $OUT, python $PY, build $BUILD_DIR$([ "$MODE" != gpu ] && echo ", ${MODE^^}")"
+  echo "[gpu_check] $(plan_line)"
   for stage in "${STAGES[@]}"; do
-    min=$min_ms
-    [ "$stage" = full ] && min=$full_min_ms
-    run_stage "$stage" "${CAPS[$stage]}" "$min"
+    run_stage "$stage"
   done
   trap - INT TERM HUP
   summary

@@ -3,9 +3,13 @@
 For each kernel variant and architecture: the number of 128-bit global loads/stores in the PTX
 (the vector path of a chunk), the other global loads/stores (the scalar path, the chunk row, the
 pointer table, the sums), inexact or fused float instructions (``.approx``, ``div.full``, ``fma``:
-the maths must round each operation once, correctly), and ptxas's register and spill counts.
+the maths must round each operation once, correctly), ptxas's register and spill counts, and the
+seconds the compile took. Per kernel, the integer arguments Triton would specialize on (none: each
+variant is then one compile whatever the sizes, and the code compiled here, with no integer
+assumptions, is the code that runs). The variants are every one the launchers can compile, so
+their number bounds the compiles of any run (the GPU kit plans its stages from it).
 Prints one JSON object; exits non-zero when a compile fails. Run without TRITON_INTERPRET
-(interpreted kernels cannot be compiled).
+(interpreted kernels cannot be compiled). Works from a bare checkout (no install needed).
 Usage: python scripts/triton_aot_check.py [--arch 80 90]
 """
 
@@ -16,8 +20,10 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 
 os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -25,6 +31,9 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from sngm_ext._triton_kernels_path import load  # noqa: E402
+
+load()  # sngm_ext.triton_kernels, installed or the checkout's own
 from sngm_ext.triton_kernels.common import num_warps  # noqa: E402
 from sngm_ext.triton_kernels.norm import (  # noqa: E402
     FINALIZE_SEG_BLOCK,
@@ -53,9 +62,9 @@ def variants():
     """(name, kernel, signature, constexprs, warps) of every variant the launchers compile."""
     hyper = {f"{h}_{p}": "fp32" for h in ("lr", "mom", "wd") for p in ("hi", "mid", "lo")}
     for dt, (torch_dt, tl_dt) in DT.items():
-        # lr as a float (lr_ptr then the cached float32 constant, never read), or read from a
-        # float32 / float64 lr_tensor (with momentum: the lr path does not depend on it).
-        for mom, lrt in ((True, None), (False, None), (True, "fp32"), (True, "fp64")):
+        # With momentum or without (SNGD); lr as a float (lr_ptr then the cached float32
+        # constant, never read), or read from a float32 / float64 lr_tensor.
+        for mom, lrt in ((m, t) for m in (True, False) for t in (None, "fp32", "fp64")):
             name = f"update_{dt}" + ("" if mom else "_nomom") + (f"_lrt{lrt[2:]}" if lrt else "")
             yield name, _update_kernel, _signature(_update_kernel, {
                 "table_ptr": "*i64", "n_tensors": "i32", "chunks_ptr": "*i64",
@@ -110,21 +119,29 @@ def ptx_report(ptx: str) -> dict:
     }
 
 
+def specialized_ints(fn, sig) -> list:
+    """The integer arguments of ``fn`` Triton would compile a kernel per value class of."""
+    return [p.name for p in fn.params
+            if not p.is_constexpr and sig[p.name][0] in "iu" and not p.do_not_specialize]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     args = ap.parse_args()
-    report = {"triton": triton.__version__, "kernels": {}}
+    report = {"triton": triton.__version__, "kernels": {}, "specialized_ints": {}}
     for name, fn, sig, consts, warps in variants():
+        report["specialized_ints"][fn.__name__] = specialized_ints(fn, sig)
         # Pointer arguments 16-byte aligned, as torch's allocations are (Triton specializes on it).
         attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values())
                  if t.startswith("*")}
         for arch in args.arch:
             # enable_fp_fusion=False as the launchers pass: no mul+add fused into an fma.
+            t0 = time.perf_counter()
             k = triton.compile(ASTSource(fn, sig, consts, attrs),
                                target=GPUTarget("cuda", arch, 32),
                                options={"num_warps": warps, "enable_fp_fusion": False})
-            rec = ptx_report(k.asm["ptx"])
+            rec = {"compile_s": round(time.perf_counter() - t0, 3), **ptx_report(k.asm["ptx"])}
             rec.update(ptxas_report(k.asm["ptx"], arch))
             report["kernels"][f"{name}_sm{arch}"] = rec
     json.dump(report, sys.stdout, indent=1)

@@ -138,45 +138,48 @@ def _run(backend: str, device: torch.device, dtype: torch.dtype, norm: str = "gl
     return Run([p.detach() for p in params], bufs, norms, max_w, max_u, hyper)
 
 
-def _scaler_run(backend: str, device: torch.device) -> Run:
-    """fp64 params, weight decay, a real GradScaler with GRAD_SCALE: grads reach the kernels
-    scaled, and they divide by the fp32 reciprocal of the scale on the fly."""
+def scaler_run(backend: str, device: torch.device, dtype: torch.dtype = torch.float64) -> Run:
+    """Weight decay and a real GradScaler with GRAD_SCALE: grads reach the kernels scaled, and
+    they divide by the fp32 reciprocal of the scale on the fly (fp64 params tell it from an fp64
+    one)."""
     gen = torch.Generator().manual_seed(1)
     h = dict(lr=0.1, momentum=0.9, weight_decay=0.5)
-    params = [torch.nn.Parameter(_tensor(s, torch.float64, device, gen))
+    params = [torch.nn.Parameter(_tensor(s, dtype, device, gen))
               for s in ((300,), (4097,), "odd")]
     opt = SNGM(params, backend=backend, **h)
     scaler = torch.amp.GradScaler(device.type, init_scale=GRAD_SCALE, growth_interval=10**6)
-    max_w = [p.detach().abs() for p in params]
+    max_w = [p.detach().abs().double() for p in params]
     max_u = [torch.zeros_like(m) for m in max_w]
     norms = []
     for _ in range(STEPS):
-        coefs = [_tensor(p.shape, torch.float64, device, gen) for p in params]
+        coefs = [_tensor(p.shape, dtype, device, gen) for p in params]
         opt.zero_grad()
         scaler.scale(sum((p * c).sum() for p, c in zip(params, coefs))).backward()
         scaler.step(opt)
         scaler.update()
         norms.append(opt.grad_norm.clone())
         for i, p in enumerate(params):
-            max_w[i] = torch.maximum(max_w[i], p.detach().abs())
-            max_u[i] = torch.maximum(max_u[i], opt.state[p]["momentum_buffer"].abs())
+            max_w[i] = torch.maximum(max_w[i], p.detach().abs().double())
+            max_u[i] = torch.maximum(max_u[i], opt.state[p]["momentum_buffer"].abs().double())
     bufs = [opt.state[p]["momentum_buffer"] for p in params]
     return Run([p.detach() for p in params], bufs, norms, max_w, max_u, [h] * len(params))
 
 
-def assert_runs_match(got: Run, ref: Run, dtype: torch.dtype, what: str) -> float:
-    """got within the per-element bounds around ref; returns the worst error / bound."""
+def assert_runs_match(got: Run, ref: Run, dtype: torch.dtype, what: str,
+                      steps: int = STEPS) -> float:
+    """got within the per-element bounds around ref after ``steps`` steps; returns the worst
+    error / bound."""
     worst = 0.0
     for i, (x, y) in enumerate(zip(got.params, ref.params)):
         h = ref.hyper[i]
-        du, dw = elementwise_bounds(dtype, STEPS, h["lr"], h.get("momentum", 0.0),
+        du, dw = elementwise_bounds(dtype, steps, h["lr"], h.get("momentum", 0.0),
                                     ref.max_w[i], ref.max_u[i])
         worst = max(worst, check_close(x, y, dw, f"{what}: param {i}"))
         if (got.bufs[i] is None) != (ref.bufs[i] is None):
             raise Mismatch(f"{what}: momentum buffer {i} present in one run only")
         if ref.bufs[i] is not None:
             worst = max(worst, check_close(got.bufs[i], ref.bufs[i], du, f"{what}: momentum {i}"))
-    rtol = norm_rtol(dtype, STEPS)
+    rtol = norm_rtol(dtype, steps)
     for k, (x, y) in enumerate(zip(got.norms, ref.norms)):
         worst = max(worst, check_close(x, y, rtol * y.abs(), f"{what}: norm of step {k}"))
     return worst
@@ -187,7 +190,7 @@ def cases(device: torch.device) -> Dict[str, Callable[[str], Run]]:
     out = {f"{str(dt)[6:]} three groups": (lambda b, dt=dt: _run(b, device, dt)) for dt in DTYPES}
     out["float32 per-tensor norm"] = lambda b: _run(b, device, torch.float32, norm="tensor")
     out["float32 tensor lr"] = lambda b: _run(b, device, torch.float32, lr_tensor=True)
-    out[f"float64 GradScaler scale {GRAD_SCALE}"] = lambda b: _scaler_run(b, device)
+    out[f"float64 GradScaler scale {GRAD_SCALE}"] = lambda b: scaler_run(b, device)
     return out
 
 
@@ -224,6 +227,8 @@ def run_checks(devices: List[str], say: Callable[[str], None] = print) -> int:
     for backend, types in TARGETS.items():
         for dev in types:
             if dev not in devices:
+                if dev == "cuda" and backend == "cuda":
+                    say(f"SKIP {backend} on {dev}: no CUDA device here")
                 continue
             device = torch.device(dev)
             try:

@@ -3,8 +3,9 @@ run by anyone with a CUDA device, skipped without one (no CUDA query at collecti
 
 Triton compiles for real here, so these must run in a process without TRITON_INTERPRET:
 ``python -m pytest -q tests/test_gpu.py -m gpu`` with the variable unset. The scenarios and the
-bounds are the CPU suite's (scenarios.py): the kernels round every operation as the reference
-does, so only the norm's summation order differs.
+bounds are the CPU suite's (scenarios.py; gpu_cases.py's per element): the kernels round every
+operation as the reference does, so only the norm's summation order differs. test_gpu_power.py
+shows on CPU that these checks fail kernels broken the ways a GPU bug would break them.
 """
 
 import math
@@ -12,9 +13,11 @@ import math
 import pytest
 import torch
 
+from gpu_cases import check_grad_scaler, check_odd_offsets
+from kit import check_non_finite_grad_skips_the_step
 from scenarios import CONFIGS, DTYPES, assert_runs_match, grads_for, make_params, run
 from sngm_ext import SNGM, resolve_backend
-from test_native_cpu import check_non_finite_grad_skips_the_step
+from sngm_ext.layout import make_plan
 
 pytestmark = pytest.mark.gpu
 
@@ -133,3 +136,46 @@ def test_gpu_tensor_lr_is_read_on_the_device(gpu_backend):
         outs.append([p.detach().clone() for p in m.parameters()])
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_views_at_odd_storage_offsets(gpu_backend, dtype):
+    """Params and grads that are views at odd element offsets of one storage: every chunk on the
+    scalar path (a 128-bit access there would be a misaligned-address error)."""
+    check_odd_offsets(gpu_backend, dtype, "cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_gpu_grad_scaler_with_a_scale_that_is_not_a_power_of_two(gpu_backend, dtype):
+    check_grad_scaler(gpu_backend, dtype, "cuda")
+
+
+def test_gpu_ops_refuse_bad_arguments_before_writing(gpu_backend):
+    """Both GPU backends check their arguments on the host (a direct caller cannot make them
+    write out of bounds): each refusal is a RuntimeError naming the problem; nothing written."""
+    ops = resolve_backend(gpu_backend, torch.device("cuda"))[1]
+    ws = [torch.randn(n, device="cuda") for n in (100, 5000)]
+    gs = [torch.randn_like(w) for w in ws]
+    plan = make_plan([[100, 5000]], False, torch.device("cuda"))
+    sumsq = torch.ones(1, dtype=torch.float64, device="cuda")
+    before = [w.clone() for w in ws] + [plan.partials.clone()]
+    cases = [
+        ("out of range", lambda: ops.sumsq(ws, gs, plan.chunks[0], None, 0.0, False,
+                                           plan.partials, 1)),
+        ("2 params but 1 grads", lambda: ops.sumsq(ws, gs[:1], plan.chunks[0], None, 0.0, False,
+                                                   plan.partials, 0)),
+        ("grad_scale must be a one-element float32", lambda: ops.update(
+            ws, gs, [], plan.chunks[0], sumsq, torch.tensor(2.0, device="cuda").double(), None,
+            0.1, 0.0, 0.0, False, False)),
+        ("grads\\[1\\]", lambda: ops.update(ws, [gs[0], gs[1][1:]], [], plan.chunks[0], sumsq,
+                                            None, None, 0.1, 0.0, 0.0, False, False)),
+        ("cpu", lambda: ops.update([w.cpu() for w in ws], [g.cpu() for g in gs], [],
+                                   plan.chunks[0], sumsq, None, None, 0.1, 0.0, 0.0, False,
+                                   False)),
+        ("sumsq", lambda: ops.finalize(plan.partials, plan.seg_ptr, None, sumsq.float())),
+    ]
+    for match, call in cases:
+        with pytest.raises(RuntimeError, match=match):
+            call()
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(ws + [plan.partials], before)), match

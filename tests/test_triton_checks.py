@@ -133,6 +133,6 @@ def test_grad_scale_reciprocal_is_the_fp32_one(ops):
 def test_grad_scaler_with_fp64_params_matches_the_reference(ops):
     """A real GradScaler (scale 1000.7), fp64 params, weight decay 0.5: the reference's bounds
     (a few fp64 ulps; the fp64 reciprocal misses them by ~1e7)."""
-    ref = _selfcheck._scaler_run("reference", torch.device("cpu"))
-    got = _selfcheck._scaler_run("triton", torch.device("cpu"))
+    ref = _selfcheck.scaler_run("reference", torch.device("cpu"))
+    got = _selfcheck.scaler_run("triton", torch.device("cpu"))
     _selfcheck.assert_runs_match(got, ref, torch.float64, "triton, GradScaler, fp64")
