@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ._group import TensorGroup
+from ._ops import traced_hyper
 from .layout import ACC_DTYPE, PlanCache, StepPlan
 from .prepare import Prepared, StepList
 
@@ -60,10 +61,18 @@ def fused_step(
         kernel_scale = None
     fresh = backward_sums.fresh_lists(plan, lists, groups, grad_scale, kernel_scale, found_inf) \
         if backward_sums is not None else None
+    traced = torch.compiler.is_compiling()
+    hyper = [traced_hyper(0.0 if lrs[gi][0] is not None else lrs[gi][1], grp.momentum,
+                          grp.weight_decay) for gi, grp in enumerate(groups)] if traced else None
     for li, lst in enumerate(lists):
         if fresh is not None and fresh[li]:
             continue  # the grad hooks wrote these partials during backward
         grp = groups[lst.group_index]
+        if traced:
+            ops.traced_sumsq(lst.params, lst.grads, plan.chunks[li], kernel_scale,
+                             hyper[lst.group_index], grp.maximize, plan.partials,
+                             plan.partial_offsets[li], ops.namespace)
+            continue
         ops.sumsq(lst.params, lst.grads, plan.chunks[li], kernel_scale, grp.weight_decay,
                   grp.maximize, plan.partials, plan.partial_offsets[li])
     sumsq = torch.empty(plan.n_sumsq, dtype=ACC_DTYPE, device=device)
@@ -73,6 +82,11 @@ def fused_step(
     for li, lst in enumerate(lists):
         grp = groups[lst.group_index]
         lr_tensor, lr = lrs[lst.group_index]
+        if traced:
+            ops.traced_update(lst.params, lst.grads, lst.bufs, plan.chunks[li], sumsq,
+                              kernel_scale, lr_tensor, hyper[lst.group_index], grp.nesterov,
+                              grp.maximize, ops.namespace)
+            continue
         ops.update(lst.params, lst.grads, lst.bufs, plan.chunks[li], sumsq, kernel_scale,
                    lr_tensor, lr, grp.momentum, grp.weight_decay, grp.nesterov, grp.maximize)
     prepared.write_back()
