@@ -20,10 +20,11 @@
 #              whatever time is left (it saves after every set)             bench.log, bench/
 #
 # Budget: GPU_CHECK_BUDGET_S (450 s) = the correctness stages' plans (env 15 + build 100 +
-# check 45 + gpu_tests 90 + extra 75 = 325 s) + GPU_CHECK_RESERVE_S (5 s, the summary) + the
-# benchmark (what is left: 120 s when every stage keeps to its plan). A correctness stage may run
-# past its plan, up to its cap, but never into the plans of the correctness stages after it: each
-# of them always gets at least its plan, and only the benchmark is squeezed (skipped below
+# check 45 + gpu_tests 90 + extra 75 = 325 s) + a GPU_CHECK_KILL_AFTER_S each (5 s: the grace of
+# a stage stopped at its limit) + GPU_CHECK_RESERVE_S (5 s, the summary) + the benchmark (what is
+# left: 95 s when every stage takes its whole plan). A correctness stage may run past its plan, up
+# to its cap, but never into the time kept for the correctness stages after it: each of them
+# always gets at least its plan, and only the benchmark is squeezed (skipped below
 # GPU_CHECK_BENCH_MIN_S). The plans come from measurements (docs/gpu_verification.md#the-plan):
 # the CUDA build's two files take 29 s and 39 s with nvcc 13 on 2 CPU cores; every Triton
 # variant the launchers can compile (29: scripts/triton_aot_check.py, no integer specialization)
@@ -618,14 +619,16 @@ run_stage() {
   archive
 }
 
-plan_line() {
-  local s parts=() sum=0
+plan_line() {  # the budget, split: what each correctness stage is sure of, the rest the bench's
+  local s parts=() sum=0 n=0
   for s in "${CORRECTNESS[@]}"; do
     parts+=("$s $(secs1 "${PLAN[$s]}")")
     sum=$((sum + ${PLAN[$s]}))
+    n=$((n + 1))
   done
-  echo "plan (s): ${parts[*]/%/ +} bench $(secs1 $((BUDGET_MS - RESERVE_MS - sum))) (what is left)" \
-    "+ reserve $(secs1 "$RESERVE_MS") = budget $(secs1 "$BUDGET_MS")" | sed 's/ + +/ +/g'
+  echo "plan (s): ${parts[*]/%/ +} kill grace $n x $(secs1 "$KILL_AFTER_MS") + bench" \
+    "$(secs1 $((BUDGET_MS - RESERVE_MS - sum - n * KILL_AFTER_MS))) (what is left) + reserve" \
+    "$(secs1 "$RESERVE_MS") = budget $(secs1 "$BUDGET_MS")"
 }
 
 summary() {

@@ -10,18 +10,22 @@ not a power of two (the kernels must take the fp32 reciprocal of the scale, as t
 
 Bounds, per element (see :func:`elementwise_bounds`): every backend computes each element with
 the reference's operations in the reference's order, each rounded once, so only the order in
-which the fp64 sum of squares is added differs. That moves the norm by a few fp64 ulps, which can
-flip the rounding of ``nd = C(d / n)`` by one unit of the compute type, and a changed ``nd`` can
-flip the rounding of ``u`` or ``w`` to their dtype by one unit of it (at most ``eps * |x|``); each
-step can add one such flip per element and carries the earlier ones on (``u`` scaled by
-beta < 1, ``w`` through ``lr * (1 + beta) * du``). After ``s`` steps, with ``Mu`` and ``Mw`` the
-largest magnitudes the element's momentum and param reached on the way:
+which the fp64 sum of squares of the norm's N terms is added differs. Two such sums, each within
+gamma_N of the exact one for any order (nonnegative terms; Higham, Accuracy and Stability of
+Numerical Algorithms, 2002, eq. 3.4; gamma_N = N u / (1 - N u), u = 2^-53), differ by at most
+2 gamma_N relative, so the norms and their inverses by r = gamma_N + 3u. Per step that moves
+``nd = C(double(d) * inv)`` by a relative r (what shows in fp64, where C's unit is finer) or flips
+its rounding by one unit of C, and a changed ``nd`` can flip the rounding of ``u`` or ``w`` to
+their dtype by one unit of it (at most ``eps * |x|``); the earlier steps' differences carry on
+(``u`` scaled by beta < 1, ``w`` through ``lr * (1 + beta) * du``). After ``s`` steps, with
+``Mu`` and ``Mw`` the largest magnitudes the element's momentum and param reached on the way
+(|nd| <= (1 + beta) Mu):
 
-    |du| <= 2 s eps Mu,    |dw| <= 2 s eps (Mw + lr (1 + beta) s Mu)
+    |du| <= s (2 eps + (1 + beta) r) Mu,    |dw| <= 2 s eps Mw + lr (1 + beta) s |du|
 
-and the norm agrees to ``2 s eps`` relative (fp64 sums in another order, of params within the
-bounds above). A wrong kernel (a missing term, a wrong index or rounding, a per-tensor norm)
-misses these by orders of magnitude.
+and the norm agrees to ``r + 2 s eps`` relative (the sums' order, and params within the bounds
+above). A wrong kernel (a missing term, a wrong index or rounding, a per-tensor norm) misses these
+by orders of magnitude.
 """
 
 from __future__ import annotations
@@ -49,17 +53,28 @@ STEPS = 2
 GRAD_SCALE = 1000.7  # not a power of two: 1 / scale rounds differently in fp32 and fp64
 
 
-def elementwise_bounds(dtype: torch.dtype, steps: int, lr: float, beta: float, max_w, max_u):
+def norm_rtol_of_order(n_terms: int) -> float:
+    """How far apart, relative, two backends' norms of the same N = ``n_terms`` values may be: the
+    fp64 sums of squares in two orders (2 gamma_N), halved by the square root, plus the roundings
+    of the square roots and inverses (the module's doc)."""
+    u = 2.0**-53
+    return n_terms * u / (1 - n_terms * u) + 3 * u
+
+
+def elementwise_bounds(dtype: torch.dtype, steps: int, lr: float, beta: float, max_w, max_u,
+                       n_terms: int):
     """(bound on |du|, bound on |dw|) per element after ``steps`` steps (the module's doc);
-    ``max_w`` / ``max_u``: per element (tensors) or per tensor (floats) largest magnitudes."""
+    ``max_w`` / ``max_u``: per element (tensors) or per tensor (floats) largest magnitudes;
+    ``n_terms``: the number of elements the norm sums (at most)."""
     fi = torch.finfo(dtype)
-    du = 2 * steps * fi.eps * max_u + fi.tiny
-    dw = 2 * steps * fi.eps * (max_w + lr * (1 + beta) * steps * max_u) + fi.tiny
-    return du, dw
+    du = steps * (2 * fi.eps + (1 + beta) * norm_rtol_of_order(n_terms)) * max_u
+    dw = 2 * steps * fi.eps * max_w + lr * (1 + beta) * steps * du
+    return du + fi.tiny, dw + fi.tiny
 
 
-def norm_rtol(dtype: torch.dtype, steps: int) -> float:
-    return 2 * steps * torch.finfo(dtype).eps
+def norm_rtol(dtype: torch.dtype, steps: int, n_terms: int) -> float:
+    """Backends' norms after ``steps`` earlier steps (their params within the bounds)."""
+    return norm_rtol_of_order(n_terms) + 2 * steps * torch.finfo(dtype).eps
 
 
 class Mismatch(AssertionError):
@@ -170,17 +185,18 @@ def assert_runs_match(got: Run, ref: Run, dtype: torch.dtype, what: str,
     """got within the per-element bounds around ref after ``steps`` steps; returns the worst
     error / bound."""
     worst = 0.0
+    n_terms = sum(p.numel() for p in ref.params)
     for i, (x, y) in enumerate(zip(got.params, ref.params)):
         h = ref.hyper[i]
         du, dw = elementwise_bounds(dtype, steps, h["lr"], h.get("momentum", 0.0),
-                                    ref.max_w[i], ref.max_u[i])
+                                    ref.max_w[i], ref.max_u[i], n_terms)
         worst = max(worst, check_close(x, y, dw, f"{what}: param {i}"))
         if (got.bufs[i] is None) != (ref.bufs[i] is None):
             raise Mismatch(f"{what}: momentum buffer {i} present in one run only")
         if ref.bufs[i] is not None:
             worst = max(worst, check_close(got.bufs[i], ref.bufs[i], du, f"{what}: momentum {i}"))
-    rtol = norm_rtol(dtype, steps)
     for k, (x, y) in enumerate(zip(got.norms, ref.norms)):
+        rtol = norm_rtol(dtype, k, n_terms)
         worst = max(worst, check_close(x, y, rtol * y.abs(), f"{what}: norm of step {k}"))
     return worst
 

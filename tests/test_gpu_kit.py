@@ -86,7 +86,8 @@ def test_dry_run_runs_every_stage(tmp_path):
     _check_logs_and_summary(out, p, st)
     # the plan: the correctness stages' plans, the benchmark what is left, adding up to the budget
     assert ("plan (s): env 15.0 + build 100.0 + check 45.0 + gpu_tests 90.0 + extra 75.0 + "
-            "bench 120.0 (what is left) + reserve 5.0 = budget 450.0") in p.stdout
+            "kill grace 5 x 5.0 + bench 95.0 (what is left) + reserve 5.0 = budget 450.0"
+            ) in p.stdout
     assert {s: st[s]["planned"] for s in CORRECTNESS} == PLAN
     assert all(st[s]["limit"] >= PLAN[s] for s in CORRECTNESS)
     assert json.loads((out / "env.json").read_text())["dry_run"] is True
