@@ -11,8 +11,9 @@ same rules in C++ for the CUDA backend.
 2. Never free memory a graph may read or write. A captured kernel keeps its tensors' addresses
    for every replay: a cached entry used during a capture is pinned for the cache's life (no limit
    counts it, no eviction drops it), and an entry built during a capture is kept for the cache's
-   life with the host buffers its copy nodes read again at each replay. Eviction, least recently
-   used first, only ever drops entries no graph uses.
+   life with the host buffers its copy nodes read again at each replay. An entry served while
+   torch.compile traces is pinned too (the compiled code reads it at every call). Eviction, least
+   recently used first, only ever drops entries nothing compiled or captured uses.
 3. Streams. An entry lives in blocks of the caching allocator on the stream that built it. A use
    on another stream first makes that stream wait for everything queued so far on the stream that
    last used the entry (its upload, and kernels that wrote it: the plans' partials are written
@@ -93,9 +94,12 @@ class DeviceCache:
     def get(self, key: Hashable, device: torch.device, build: Callable[..., Built], *args):
         capturing = _capturing(device)
         stream = _current_stream(device)
+        # torch.compile looks an entry up once, while tracing; the compiled code then reads it at
+        # every call (mode="reduce-overhead": at every CUDA graph replay) without asking again
+        pin = capturing or torch.compiler.is_compiling()
         entry = self._lru.get(key)
         if entry is not None:
-            if capturing:
+            if pin:
                 self._pinned[key] = self._lru.pop(key)
             else:
                 self._lru.move_to_end(key)
@@ -109,6 +113,9 @@ class DeviceCache:
         built = build(*args)
         if capturing:
             self._graph_only.append(built)
+            return built.value
+        if pin:
+            self._pinned[key] = _Entry(built, stream)
             return built.value
         if self.limit is not None:
             while self._lru and len(self._lru) >= self.limit:

@@ -175,3 +175,21 @@ def test_triton_tables_and_constants_follow_the_rules(fake, monkeypatch):
 
 def test_the_capture_flag_is_off_on_cpu_and_while_compiling():
     assert device_cache._capturing(CPU) is False and device_cache._current_stream(CPU) is None
+
+
+def test_entries_a_compiled_step_reads_are_never_dropped():
+    """torch.compile looks the plan up once, at trace time; the compiled step then reads it at
+    every call (and with mode="reduce-overhead" at every graph replay): pinned."""
+    import torch._dynamo
+
+    cache = DeviceCache(limit=1)
+
+    def lookup(x):
+        t = cache.get("traced", CPU, _builder([]), "traced")[1]
+        return x + t
+
+    torch._dynamo.reset()
+    torch.compile(lookup, backend="eager", fullgraph=True)(torch.ones(4))
+    for i in range(3):
+        cache.get(i, CPU, _builder([]), i)
+    assert "traced" in cache.entries() and cache.pinned() == 1
