@@ -227,8 +227,9 @@ def plot(report: Dict[str, object], path: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     m = report["machine"]
-    fig.suptitle(f"SNGM step vs torch.optim.SGD on {m['device_name']} ({m['torch_threads']} threads) - "
-                 f"torch {m['torch']}, triton {m['triton']}, {m['date'][:10]}", fontsize=10)
+    # two lines, wrapped to the figure's width: one panel (a quick run) is narrower than the title
+    fig.suptitle(f"SNGM step vs torch.optim.SGD on {m['device_name']} ({m['torch_threads']} threads)\n"
+                 f"torch {m['torch']}, triton {m['triton']}, {m['date'][:10]}", fontsize=10, wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
