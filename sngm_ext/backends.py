@@ -31,9 +31,12 @@ def _triton_ops(device: torch.device):
     elif device.type != "cuda":
         raise BackendUnavailable(f"backend 'triton' supports CUDA tensors, not {device.type}")
     try:
-        import triton  # noqa: F401
+        from ._triton_kernels_path import load
+
+        load()  # triton itself, and the kernels (installed, or this checkout's triton_kernels/)
     except ImportError as e:
-        raise BackendUnavailable(f"backend 'triton' needs the triton package ({e})") from e
+        raise BackendUnavailable(f"backend 'triton' cannot import its kernels: {e} (it needs the "
+                                 "triton package, pip install 'sngm-ext[triton]')") from e
     from ._ops import FusedOps
 
     return FusedOps("sngm_triton")

@@ -92,8 +92,9 @@ def fused_step(
     prepared.write_back()
     if backward_sums is not None:
         backward_sums.stepped(plan, lists, groups)
-    skipped_steps.add_((~torch.isfinite(sumsq[0])).to(skipped_steps.dtype))
-    norm = sumsq[0].sqrt()
+    total = sumsq[0]
+    skipped_steps.add_(~torch.isfinite(total))  # (each tiny op costs a few us of dispatch)
+    norm = total.sqrt()
     if grad_scale is not None and kernel_scale is None:
         norm = norm / grad_scale.to(ACC_DTYPE)  # the norm of the unscaled gradient
     return norm

@@ -30,6 +30,7 @@ _CHANNELS_LAST = (torch.channels_last, torch.channels_last_3d)
 _dtype = attrgetter("dtype")
 _device = attrgetter("device")
 _size = Tensor.size
+_numel = Tensor.numel
 _contiguous = Tensor.is_contiguous
 
 
@@ -151,7 +152,7 @@ def _uniform_group(gi: int, grp: TensorGroup, device: torch.device,
         # params changed dtype under it: model.double())
     lst = StepList(gi)
     lst.params, lst.grads, lst.bufs = list(params), list(grads), list(bufs)
-    lst.numels, lst.index = [s.numel() for s in sizes], range(len(params))
+    lst.numels, lst.index = list(map(_numel, params)), range(len(params))
     return lst
 
 

@@ -13,6 +13,7 @@ traced step's attribute writes on a plain object and drops those on the optimize
 
 from __future__ import annotations
 
+from operator import is_
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -31,6 +32,10 @@ NORMS = ("global", "tensor")
 def check_norm(norm: str) -> None:
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 class Stepper:
@@ -52,7 +57,7 @@ class Stepper:
 
             self.sums = BackwardSums(None, backward_sums_hyper)
         self.dist = None  # distributed.DistPlan of the current params, None when single-process
-        self._dist_key: Optional[tuple] = None
+        self._dist_key: Optional[list] = None
         self.device: Optional[torch.device] = None  # where the params were at the last step
         self.known: List[Optional[tuple]] = []  # per group: (dtype, momentum buffers) last checked
         self.grad_norm: Optional[Tensor] = None
@@ -80,12 +85,13 @@ class Stepper:
     def dist_plan(self, param_lists: Sequence[Sequence[Tensor]]):
         """What the step reduces across ranks (distributed.py), worked out again when the params
         or the process group change; None for a single process."""
-        key = (id(self.process_group), tuple(tuple(map(id, ps)) for ps in param_lists))
-        if key != self._dist_key:
+        key = self._dist_key  # (the lists of params the plan was made for)
+        if key is None or len(key) != len(param_lists) or not all(
+                len(a) == len(b) and all(map(is_, a, b)) for a, b in zip(key, param_lists)):
             from .distributed import plan_for
 
             self.dist = plan_for([p for ps in param_lists for p in ps], self.process_group)
-            self._dist_key = key
+            self._dist_key = [list(ps) for ps in param_lists]
         return self.dist
 
     def _counter(self, device: torch.device) -> Tensor:
@@ -123,20 +129,31 @@ class Stepper:
             device = dist.device  # a rank without grads still joins the collective
         name, ops = self.resolve(device)
         lrs = [lr_operands(grp.lr, device) for grp in run]
+        if (prepared.new_buffers or self.skipped is None or self.skipped.device != device) \
+                and _capturing(device):
+            raise RuntimeError(
+                "SNGM: this step would create its momentum buffers or skipped-step counter inside "
+                "a CUDA graph capture (every replay would zero them again): take one eager step "
+                "before capturing (torch.cuda.graph's warm-up on a side stream)")
         skipped = self._counter(device)
+        # Per-tensor sums from the kernels: norm="tensor", or a distributed plan that weights each
+        # tensor's sum by how many ranks hold it (its reducer then writes the global total into
+        # every entry, so each tensor is still divided by the one global norm).
+        per_tensor = self.norm == "tensor" or (dist is not None and dist.needs_per_tensor_sums)
         if dist is not None:
-            per_tensor = self.norm == "tensor" and dist.per_tensor_reduce
+            segments = per_tensor and (dist.per_tensor_reduce or dist.needs_per_tensor_sums)
             reduce_sumsq = dist.reducer(self.norm,
-                                        prepared.segment_params(run) if per_tensor else None)
+                                        prepared.segment_params(run) if segments else None)
         if ops is None:
-            norm = sngm_reference(prepared, run, norm=self.norm, skipped_steps=skipped,
+            norm = sngm_reference(prepared, run, norm="tensor" if per_tensor else "global",
+                                  skipped_steps=skipped,
                                   reduce_sumsq=reduce_sumsq, grad_scale=grad_scale,
                                   found_inf=found_inf)
         else:
             sums = self.sums if dist is None or not dist.dtensor else None
             if sums is not None and sums.ops is not ops:
                 sums.ops = ops
-            norm = _fused.fused_step(prepared, ops, tensor_groups=run, per_tensor=self.norm == "tensor",
+            norm = _fused.fused_step(prepared, ops, tensor_groups=run, per_tensor=per_tensor,
                                      skipped_steps=skipped, plans=self.plans,
                                      reduce_sumsq=reduce_sumsq, grad_scale=grad_scale,
                                      found_inf=found_inf, backward_sums=sums, lrs=lrs)
