@@ -52,6 +52,18 @@ def _native_ops(device: torch.device):
     return load_ops(device.type)  # raises BackendUnavailable with the build's error
 
 
+def _user_stacklevel() -> int:
+    """warnings.warn's stacklevel for the first frame outside sngm_ext and torch: the user's line
+    that built or stepped the optimizer, wherever in the package the warning comes from."""
+    import sys
+
+    skip = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 _warned: set = set()
 _cache: dict = {}
 
@@ -91,10 +103,11 @@ def _auto(device: torch.device, require_fused: bool = False):
             return name, ops
         except BackendUnavailable as e:
             reasons.append(f"{name}: {e}")
-    if require_fused:
+    if require_fused:  # torch.optim.SGD's words for the same mistake, then why
         raise BackendUnavailable(
-            f"fused=True, but no fused SNGM backend runs on {device.type}"
-            + (f" ({'; '.join(reasons)})" if reasons else " (SNGM has kernels for cpu and cuda)")
+            "`fused=True` requires all the params to be floating point Tensors of supported "
+            f"devices: ['cpu', 'cuda'] but {device.type}: no fused SNGM backend runs there"
+            + (f" ({'; '.join(reasons)})" if reasons else "")
         )
     if preferred and device.type not in _warned:
         _warned.add(device.type)
@@ -102,6 +115,6 @@ def _auto(device: torch.device, require_fused: bool = False):
             "sngm_ext: backend='auto' falls back to the slow 'reference' backend on "
             f"{device.type} ({'; '.join(reasons)})",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=_user_stacklevel(),
         )
     return "reference", None
