@@ -75,7 +75,7 @@ def fused_step(
             continue
         ops.sumsq(lst.params, lst.grads, plan.chunks[li], kernel_scale, grp.weight_decay,
                   grp.maximize, plan.partials, plan.partial_offsets[li])
-    sumsq = torch.empty(plan.n_sumsq, dtype=ACC_DTYPE, device=device)
+    sumsq = plan.sumsq
     ops.finalize(plan.partials, plan.seg_ptr, found_inf, sumsq)
     if reduce_sumsq is not None:
         reduce_sumsq(sumsq)
@@ -92,7 +92,7 @@ def fused_step(
     prepared.write_back()
     if backward_sums is not None:
         backward_sums.stepped(plan, lists, groups)
-    total = sumsq[0]
+    total = plan.total
     skipped_steps.add_(~torch.isfinite(total))  # (each tiny op costs a few us of dispatch)
     norm = total.sqrt()
     if grad_scale is not None and kernel_scale is None:

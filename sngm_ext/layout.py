@@ -69,6 +69,8 @@ class StepPlan:
     partials: Tensor  # float64, one partial sum of squares per chunk (at least one entry)
     seg_ptr: Tensor  # int64 [n_segments + 1]: segment s owns partials[seg_ptr[s]:seg_ptr[s+1]]
     n_sumsq: int  # 1 (norm="global": the total) or 1 + n_segments (norm="tensor")
+    sumsq: Tensor  # float64 [n_sumsq]: finalize's output, rewritten by every step
+    total: Tensor  # sumsq[0], the view made once (each tiny op costs a few us per step)
 
 
 class PlanCache:
@@ -97,7 +99,7 @@ class PlanCache:
 def _build_plan(numels, per_tensor, device) -> Built:
     sources: List[Tensor] = []
     plan = make_plan(numels, per_tensor, device, sources)
-    return Built(plan, plan.chunks + [plan.partials, plan.seg_ptr], sources)
+    return Built(plan, plan.chunks + [plan.partials, plan.seg_ptr, plan.sumsq], sources)
 
 
 def _upload(host: Tensor, device: torch.device, sources: Optional[List[Tensor]]) -> Tensor:
@@ -133,6 +135,7 @@ def make_plan(numels: Sequence[Sequence[int]], per_tensor: bool, device: torch.d
     seg_ptr = [0]
     for s in seg_sizes:
         seg_ptr.append(seg_ptr[-1] + s)
+    sumsq = torch.empty(n_sumsq, dtype=ACC_DTYPE, device=device)
     return StepPlan(
         chunks=chunks,
         rows=rows,
@@ -140,4 +143,6 @@ def make_plan(numels: Sequence[Sequence[int]], per_tensor: bool, device: torch.d
         partials=torch.zeros(max(n_partials, 1), dtype=ACC_DTYPE, device=device),
         seg_ptr=_upload(torch.tensor(seg_ptr, dtype=torch.int64), device, sources),
         n_sumsq=n_sumsq,
+        sumsq=sumsq,
+        total=sumsq[0],
     )

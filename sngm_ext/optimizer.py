@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from itertools import repeat
-from operator import is_
+from operator import attrgetter, is_
 from typing import Any, Dict, List, Optional, Union
 
 import torch
@@ -280,6 +280,7 @@ class SNGM(Optimizer):
         written."""
         groups = []
         state = self.state
+        # Outside a trace, C-level maps (Dynamo traces neither attrgetter nor the state view).
         views = None if torch.compiler.is_compiling() else self._state_view.of(state,
                                                                                  self.param_groups)
         for gi, group in enumerate(self.param_groups):
@@ -288,7 +289,7 @@ class SNGM(Optimizer):
                                   read_device_tensor=False)
             lr = lr.reshape(()) if isinstance(lr, Tensor) else float(lr)
             params = group["params"]
-            grads = [p.grad for p in params]
+            grads = [p.grad for p in params] if views is None else list(map(_grad, params))
             if not group["momentum"]:
                 bufs = [None] * len(params)
             elif views is not None:
@@ -407,6 +408,7 @@ class SNGM(Optimizer):
         opt._stepper.skipped = skipped
 
 
+_grad = attrgetter("grad")
 _NO_STATE: Dict[str, Any] = {}  # read-only stand-in for a param without a state entry
 
 

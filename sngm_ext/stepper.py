@@ -59,7 +59,7 @@ class Stepper:
         self.dist = None  # distributed.DistPlan of the current params, None when single-process
         self._dist_key: Optional[list] = None
         self.device: Optional[torch.device] = None  # where the params were at the last step
-        self.known: List[Optional[tuple]] = []  # per group: (dtype, momentum buffers) last checked
+        self.known: List[Optional[tuple]] = []  # per group: prepare.Known, what the last step checked
         self.grad_norm: Optional[Tensor] = None
         self.skipped: Optional[Tensor] = None
         self.counter_moves = True  # False: a caller's counter, never replaced
@@ -158,7 +158,6 @@ class Stepper:
                                      reduce_sumsq=reduce_sumsq, grad_scale=grad_scale,
                                      found_inf=found_inf, backward_sums=sums, lrs=lrs)
         self.device = device
-        self.known = [(grp.params[0].dtype, tuple(grp.momentum_buffers))
-                      if grp.momentum != 0 and grp.params else None for grp in run]
+        self.known = prepared.known
         self.grad_norm = norm
         return run, prepared
