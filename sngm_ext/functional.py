@@ -1,13 +1,8 @@
-r"""The functional entry point: one SNGM step over lists of tensors, through a chosen backend.
+"""The functional entry point: one SNGM step over lists of tensors, through a chosen backend.
 
-.. math::
-    d_i &= \pm g_i / s + \lambda w_i \qquad (- \text{ when maximize};\ s: \text{GradScaler's scale, else } 1) \\
-    n &= \sqrt{\textstyle\sum_i \lVert d_i \rVert^2} \qquad \text{(one norm over every group)} \\
-    u_i &\leftarrow \beta u_i + d_i / n \qquad (d_i / n := 0 \text{ when } n = 0) \\
-    w_i &\leftarrow w_i - \eta u_i \qquad \text{(nesterov: } w_i - \eta (d_i / n + \beta u_i))
-
-and when :math:`n` is not finite (or ``found_inf`` is set) nothing changes and the step counts as
-skipped. Backends: see :mod:`sngm_ext.backends`.
+The update rule is :class:`sngm_ext.SNGM`'s (its docstring; README.md "For every parameter");
+these functions run the same step machinery (stepper.py) on the tensors they are given, without an
+optimizer around them. Backends: see :mod:`sngm_ext.backends`.
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
 """Pure-PyTorch SNGM, one tensor at a time: the readable oracle every other backend is held to.
 
-The update (Algorithm 1 of the paper plus PyTorch's extras), per param ``i`` with a grad:
-
-    d_i = (maximize ? -g_i : g_i) / grad_scale + weight_decay * w_i
-    n   = sqrt(sum_i ||d_i||^2)                  # ONE norm over every param of every group
-    u_i = momentum * u_i + d_i / n               # d_i / n := 0 when n == 0
-    w_i = w_i - lr * u_i                         # nesterov: w_i - lr * (d_i / n + momentum * u_i)
-
-With ``norm="tensor"`` each param uses its own ``n_i = ||d_i||`` (the block-wise variant of the
-paper's Section 6). When the global sum of squares is not finite, or GradScaler's ``found_inf`` is
-set, nothing is written.
+It computes :class:`sngm_ext.SNGM`'s update rule (its docstring) the plain way, tensor by tensor,
+over the lists a step's preparation made (prepare.py). With ``norm="tensor"`` each param uses its
+own ``n_i = ||d_i||``. When the global sum of squares is not finite, or GradScaler's ``found_inf``
+is set, nothing is written.
 
 ``d`` is computed in fp32 (fp64 for fp64 params). Squares are summed in fp64, and ``d / n`` is
 ``d * (1 / n)`` taken in fp64 and rounded once to the compute dtype: no finite fp32, bf16 or fp16
