@@ -23,25 +23,16 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+from timing import cpu_name  # noqa: E402
 DEFAULT_OUT = os.path.join(HERE, "results", "distributed_cpu_fsdp2_tp.json")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------- worker (one per rank)
@@ -178,7 +169,7 @@ def main():
         world=args.world, mesh={"dp": args.world // args.tp, "tp": args.tp}, width=args.width,
         blocks=args.blocks, batch_per_dp_rank=args.batch, warmup=args.warmup, rounds=args.rounds,
         per_round=args.per_round, threads_per_rank=args.threads, torch=torch.__version__,
-        process_group_backend="gloo", cpu=_cpu_name(), cores=os.cpu_count(), note=args.note,
+        process_group_backend="gloo", cpu=cpu_name(), cores=os.cpu_count(), note=args.note,
         load_average_before=load0, load_average_after=os.getloadavg(),
         wall_s=round(time.time() - t0, 1),
         date=datetime.datetime.now().isoformat(timespec="seconds"),

@@ -75,7 +75,8 @@ import python_cost  # noqa: E402
 from param_sets import ParamSet, by_name, parse_sets, sets_for  # noqa: E402
 from report import (budget_line, format_table, python_cost_lines, save_report,  # noqa: E402
                     target_line, target_lines)
-from timing import Budget, Case, CopyProbe, Progress, Timer, run_interleaved, summarize  # noqa: E402
+from timing import (Budget, Case, CopyProbe, Progress, Timer, cpu_name, run_interleaved,  # noqa: E402
+                    summarize)
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 1e-4
 HYPER = dict(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
@@ -315,17 +316,6 @@ def _version(pkg: str) -> Optional[str]:
         return version(pkg)
     except Exception:
         return None
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_info(device: torch.device) -> Dict[str, object]:

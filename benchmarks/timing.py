@@ -30,6 +30,7 @@ bench_distributed.py): ``Timer``, ``Case``, ``run_interleaved``, ``run_interleav
 
 from __future__ import annotations
 
+import platform
 import statistics
 import sys
 import time
@@ -283,3 +284,15 @@ class CopyProbe:
                 progress.update(f"copy bandwidth {i + 1}/{samples}")
             xs.append(timer(self.step))
         return self.stats(xs)
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for the results' machine line."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

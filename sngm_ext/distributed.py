@@ -41,7 +41,7 @@ from torch import Tensor
 from ._group import TensorGroup
 from .layout import ACC_DTYPE
 
-__all__ = ["DistPlan", "LOCAL", "plan_for", "is_dtensor", "local_tensor", "segment_order"]
+__all__ = ["DistPlan", "LOCAL", "plan_for", "is_dtensor", "local_tensor"]
 
 LOCAL = "local"  # process_group value: this rank's own norm, no collective, no check
 
@@ -484,21 +484,3 @@ def plan_for(params: Sequence[Tensor], process_group=None) -> Optional[DistPlan]
     return DistPlan([process_group], dtensor=False, per_tensor_reduce=False, device=device,
                     n_params=len(params), check="partition", reduce=True, fsdp1=fsdp1)
 
-
-def segment_order(groups: Sequence[TensorGroup], fused: bool) -> List[int]:
-    """For per-tensor sums: the index, among all params in group order, of the param behind each
-    per-tensor sum of squares.
-
-    The reference numbers the params that have a grad in group order; the fused backends number
-    them list by list (one list per (group, dtype), dtypes in order of first appearance: fused.py).
-    """
-    out, offset = [], 0
-    for grp in groups:
-        present = [(i, p.dtype) for i, (p, g) in enumerate(zip(grp.params, grp.grads))
-                   if g is not None]
-        if fused:
-            dtypes = list(dict.fromkeys(d for _, d in present))
-            present = [(i, d) for dt in dtypes for i, d in present if d == dt]
-        out += [offset + i for i, _ in present]
-        offset += len(grp.params)
-    return out

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Callable, List, Optional, Sequence, Union
 
-import torch
 from torch import Tensor
 
 from ._group import TensorGroup, check_hyperparameters
