@@ -117,7 +117,9 @@ class BackwardSums:
         self.records.clear()
         if plan is self.plan:
             return
-        if any(t.is_cuda for t in plan.chunks) and torch.cuda.is_current_stream_capturing():
+        from . import device_cache
+
+        if device_cache._capturing(plan.partials.device):
             # The hooks' table slices would be clones made in the capture: filled only when the
             # graph replays. Not armed: the steps sum phase 1 themselves until an eager step.
             self.plan, self.slots = None, {}

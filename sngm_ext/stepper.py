@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import device_cache  # its _capturing: the one capture flag (tests set it)
 from . import fused as _fused  # looked up per step: tests count the launches through it
 from ._group import TensorGroup, lr_operands
 from .backends import BackendUnavailable, resolve_backend
@@ -32,10 +33,6 @@ NORMS = ("global", "tensor")
 def check_norm(norm: str) -> None:
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 class Stepper:
@@ -130,7 +127,7 @@ class Stepper:
         name, ops = self.resolve(device)
         lrs = [lr_operands(grp.lr, device) for grp in run]
         if (prepared.new_buffers or self.skipped is None or self.skipped.device != device) \
-                and _capturing(device):
+                and device_cache._capturing(device):
             raise RuntimeError(
                 "SNGM: this step would create its momentum buffers or skipped-step counter inside "
                 "a CUDA graph capture (every replay would zero them again): take one eager step "

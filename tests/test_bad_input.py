@@ -153,14 +153,14 @@ def test_deepspeed_stepping_one_group_at_a_time_is_refused(backend):
 
 def test_a_first_step_inside_a_cuda_graph_capture_is_refused(backend, monkeypatch):
     """Momentum buffers or the counter made inside a capture would be zeroed by every replay."""
-    import sngm_ext.stepper as stepper
+    import sngm_ext.device_cache as device_cache
 
     ps, opt = trained(backend, steps=0)
-    monkeypatch.setattr(stepper, "_capturing", lambda device: True)
+    monkeypatch.setattr(device_cache, "_capturing", lambda device: True)
     refused(opt, opt.step, RuntimeError, "eager step before capturing")
     monkeypatch.undo()
     opt.step()
-    monkeypatch.setattr(stepper, "_capturing", lambda device: True)
+    monkeypatch.setattr(device_cache, "_capturing", lambda device: True)
     opt.step()  # warmed up: buffers and counter exist, nothing is created in the capture
 
 
