@@ -2,20 +2,23 @@
 
 Why the bounds are what they are. Every backend computes each element with the reference's
 operations in the reference's order, each rounded once (sngm_math.h, -ffp-contract=off; Triton and
-CUDA round explicitly). They differ only in the order the fp64 sum of squares is added, which moves
-the norm by a few fp64 ulps. That can flip the rounding of ``nd = C(d * inv)`` by one unit of the
-compute dtype, and a changed nd can flip the rounding of ``u`` or ``w`` to their storage dtype by
-one unit of it; each later step can add one more such flip per element, and carries the earlier
-ones on (``u`` scaled by beta < 1, ``w`` through ``lr * (1 + beta) * du``). One unit of a dtype at
-magnitude M is at most ``eps * M``. So after s steps, with Mu and Mw the largest magnitudes the
-tensor's momentum and param reached along the way (a value that shrinks by cancellation keeps the
-error of its larger past: the AMD EPYC fp16 failure of the old bounds was exactly that),
+CUDA round explicitly). They differ only in the order the fp64 sum of squares is added: two such
+sums of N terms are within 2 gamma_N of each other (Higham 2002, eq. 3.4), so the norms and their
+inverses within r = gamma_N + 3 u64. That moves ``nd = C(d * inv)`` by r relative (what shows in
+fp64) or flips its rounding by one unit of the compute dtype, and a changed nd can flip the
+rounding of ``u`` or ``w`` to their storage dtype by one unit of it; each later step can add as
+much per element, and carries the earlier ones on (``u`` scaled by beta < 1, ``w`` through
+``lr * (1 + beta) * du``). One unit of a dtype at magnitude M is at most ``eps * M``. So after s
+steps, with Mu and Mw the largest magnitudes the tensor's momentum and param reached along the way
+(a value that shrinks by cancellation keeps the error of its larger past: the AMD EPYC fp16 failure
+of older bounds was exactly that),
 
-    |du| <= 2 s eps Mu,    |dw| <= 2 s eps (Mw + lr (1 + beta) s Mu)
+    |du| <= s (2 eps + (1 + beta) r) Mu,    |dw| <= 2 s eps Mw + lr (1 + beta) s |du|
 
-(2: the flip of nd plus the flip of the sum it enters). None of this depends on the CPU model. The
-norm itself agrees to a few fp64 ulps plus what the params' differences move it by. A per-tensor
-norm in place of the global one misses these bounds by orders of magnitude
+(2 eps: the flip of nd plus the flip of the sum it enters; |nd| <= (1 + beta) Mu). The formula is
+sngm_ext/_selfcheck.py's ``elementwise_bounds`` (``python -m sngm_ext --check`` uses it too), the
+norm's ``norm_rtol``: r plus what the params' differences move it by. None of this depends on the
+CPU model. A per-tensor norm in place of the global one misses these bounds by orders of magnitude
 (test_parity.test_bounds_reject_a_per_tensor_norm).
 """
 
@@ -26,6 +29,7 @@ from typing import List, Optional
 
 import torch
 
+from bounds import elementwise_bounds, norm_rtol
 from sngm_ext import SNGM
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -103,6 +107,11 @@ def _amax(t):
     return t.detach().abs().max().item() if t is not None and t.numel() else 0.0
 
 
+# The bounds' Mu for a param without momentum: its step is nd itself, |nd_i| <= ||d / n|| = 1 (up
+# to a few roundings), which the bounds read as (1 + beta) Mu with beta = 0: 2 covers it.
+NO_MOMENTUM_MU = 2.0
+
+
 def run(backend, dtype, config, steps=4, norm=None, seed=0, threads=None, device="cpu",
         grad_scale=1.0, **opt_kwargs) -> Run:
     """``steps`` steps of ``config`` on fresh params; returns the final tensors and the history."""
@@ -126,7 +135,8 @@ def run(backend, dtype, config, steps=4, norm=None, seed=0, threads=None, device
             for i, p in enumerate(params):
                 max_w[i] = max(max_w[i], _amax(p))
                 st = opt.state.get(p)
-                max_u[i] = max(max_u[i], _amax(st.get("momentum_buffer") if st else None))
+                buf = st.get("momentum_buffer") if st else None
+                max_u[i] = max(max_u[i], _amax(buf) if buf is not None else NO_MOMENTUM_MU)
     finally:
         torch.set_num_threads(old)
     bufs = [opt.state[p].get("momentum_buffer") if p in opt.state else None for p in params]
@@ -145,13 +155,9 @@ def _hyper_of(config, i):
 
 def bounds(dtype, ref: Run, i: int):
     """(bound on |du|, bound on |dw|) for param i after ref.steps steps (see the module doc)."""
-    eps = torch.finfo(dtype).eps
-    s = ref.steps
     lr, beta = _hyper_of(ref.config, i)
-    tiny = torch.finfo(dtype).tiny
-    du = 2 * s * eps * ref.max_u[i] + tiny
-    dw = 2 * s * eps * (ref.max_w[i] + lr * (1 + beta) * s * ref.max_u[i]) + tiny
-    return du, dw
+    n_terms = sum(p.numel() for p in ref.params)
+    return elementwise_bounds(dtype, ref.steps, lr, beta, ref.max_w[i], ref.max_u[i], n_terms)
 
 
 def _check(actual, expected, bound, what):
@@ -175,12 +181,11 @@ def assert_runs_match(got: Run, ref: Run, dtype, what=""):
         assert (x is None) == (y is None), f"{what} momentum buffer {i} presence"
         if x is not None:
             _check(x, y, bounds(dtype, ref, i)[0], f"{what} momentum {i} {SHAPES[i]}")
-    # the norm: fp64 sums of N squares in another order (within 2 gamma_N of each other for any
-    # order: test_ops._two_sums_rtol), of d = g + wd w whose rounding to the compute dtype may
-    # flip (eps_c) and whose params differ within the bounds above (wd <= 1e-2 times dw, over
-    # |d| ~ 1: unit-variance grads): below 2 s eps of the dtype for every config here
+    # the norm of step k: the same d summed in another order (r), and d moved by the params'
+    # differences after k steps (weight decay <= 1e-2 times dw, over |d| ~ 1: unit-variance
+    # grads): norm_rtol(dtype, k, N) = r + 2 k eps (the module doc)
     n = sum(p.numel() for p in ref.params)
-    rel = 2 * ref.steps * torch.finfo(dtype).eps + 2 * n * 2**-53 / (1 - n * 2**-53)
     for k, (x, y) in enumerate(zip(got.norms, ref.norms)):
         assert x.dtype == y.dtype == torch.float64, what
-        torch.testing.assert_close(x, y, rtol=rel, atol=0.0, msg=lambda m: f"{what} norm {k}: {m}")
+        torch.testing.assert_close(x, y, rtol=norm_rtol(dtype, k, n), atol=0.0,
+                                   msg=lambda m: f"{what} norm {k}: {m}")

@@ -10,6 +10,7 @@ import torch
 import sngm_ext
 from sngm_ext import SNGM, BackendUnavailable
 from sngm_ext.layout import make_plan
+from bounds import elementwise_bounds
 from scenarios import DTYPES, grads_for, make_params, run
 
 
@@ -147,9 +148,7 @@ def test_channels_last_tensors_are_walked_in_place(ops, dtype):
         outs.append((w.detach().clone(), opt.state[w]["momentum_buffer"].clone()))
     # The bounds of scenarios.py's module doc after `steps` steps: the two backends differ only in
     # the fp64 norm's summation order, which can flip one rounding per step and operation.
-    eps = torch.finfo(dtype).eps
-    du = 2 * steps * eps * m_u
-    dw = 2 * steps * eps * (m_w + lr * (1 + beta) * steps * m_u)
+    du, dw = elementwise_bounds(dtype, steps, lr, beta, m_w, m_u, outs[0][0].numel())
     (w_ref, u_ref), (w_cpu, u_cpu) = outs
     assert (w_cpu.double() - w_ref.double()).abs().max().item() <= dw
     assert (u_cpu.double() - u_ref.double()).abs().max().item() <= du

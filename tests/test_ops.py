@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from bounds import two_sums_rtol
 from sngm_ext import SNGM, resolve_backend
 from sngm_ext._ops import NAMESPACES, SCHEMAS
 from sngm_ext.layout import CHUNK, make_plan
@@ -13,19 +14,6 @@ from sngm_ext.layout import CHUNK, make_plan
 
 def _ops(backend):
     return resolve_backend(backend, torch.device("cpu"))[1]
-
-
-def _two_sums_rtol(n: int) -> float:
-    """How far apart, relative to the exact sum, two fp64 sums of the same n products x_i * y_i
-    (squares) may be when each adds them in its own order (the kernels' chunks and blocks, torch's
-    vectorized reduction, which differs per ATen CPU capability). Each is within gamma_n of the
-    exact sum of nonnegative terms for ANY order (Higham, Accuracy and Stability of Numerical
-    Algorithms, 2nd ed., 2002, eq. 3.4 and Sec. 4.2: recursive summation |E| <= gamma_(n-1) sum
-    |x_i|, plus one rounding per product: gamma_n, gamma_k = k u / (1 - k u), u = 2^-53), so the
-    two are within 2 gamma_n of each other. Products of fp32/bf16/fp16 values are exact in fp64:
-    the bound then holds with gamma_(n-1); gamma_n covers fp64 inputs as well."""
-    u = 2.0**-53
-    return 2 * n * u / (1 - n * u)
 
 
 def _lists(dtype=torch.float32, sizes=(100, 40, 5000), seed=0):
@@ -78,7 +66,7 @@ def test_rows_follow_tensors_and_segments(fused_backend):
     expect = [p.double().square().sum() for p in ps]
     expect, terms = [sum(expect)] + expect, [sum(p.numel() for p in ps)] + [p.numel() for p in ps]
     for got, want, n in zip(sumsq.tolist(), expect, terms):
-        assert abs(got - want) <= _two_sums_rtol(n) * want, (got, want.item(), n)
+        assert abs(got - want) <= two_sums_rtol(n) * want, (got, want.item(), n)
 
 
 def _expected_update(w, g, u, rows, sumsq, lr, beta, wd, nesterov, sign, gscale=1.0):
@@ -114,7 +102,7 @@ def test_rows_of_any_start_and_length(fused_backend, dtype):
     d = [-g.to(ct) + 0.25 * w.to(ct) for w, g in zip(ws, gs)]
     expect = torch.stack([d[t][s:s + n].double().square().sum() for t, s, n, _ in rows])
     for got, want, (_, _, n, _) in zip(partials.tolist(), expect.tolist(), rows):
-        assert abs(got - want) <= _two_sums_rtol(n) * want, (got, want, n)
+        assert abs(got - want) <= two_sums_rtol(n) * want, (got, want, n)
     sumsq = torch.tensor([4.0, 9.0], dtype=torch.float64)  # norms 2 and 3
     w0, u0 = [w.clone() for w in ws], [u.clone() for u in us]
     ops.update(ws, gs, us, chunks, sumsq, None, None, 0.1, 0.9, 0.25, True, True)

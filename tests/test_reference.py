@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from bounds import stored_step_bound
 from oracle import Oracle
 from scenarios import CONFIGS, grads_for, make_params, split
-from test_step_bound import stored_step_bound
 from sngm_ext import SNGM
 
 
@@ -67,7 +67,7 @@ def test_lemma_2_step_is_bounded(backend):
         before = torch.cat([p.detach().flatten().double() for p in ps])
         opt.step()
         after = torch.cat([p.detach().flatten().double() for p in ps])
-        # Lemma 2 plus what fp32 rounding adds (tests/test_step_bound.py; docs/optimizer.md)
+        # Lemma 2 plus what fp32 rounding adds (bounds.stored_step_bound; docs/optimizer.md)
         assert (after - before).norm() <= stored_step_bound(
             lr, beta, False, torch.float32, before.numel(), before.norm(), after.norm())
 

@@ -7,14 +7,8 @@ import math
 import pytest
 import torch
 
+from bounds import FIRST_STEP_RTOL, norm_rtol_of_order
 from sngm_ext import SNGM
-
-
-# Relative error of a param after one step from zero: the storage dtype's unit roundoff u plus
-# three fp32 roundings (fl(lr), d / n, their product), u = 2^-8 bf16, 2^-11 fp16, 2^-24 fp32;
-# also bounds a norm moved by the grads' rounding to the dtype (u).
-TOL = {dt: u + 3 * 2.0**-24 for dt, u in ((torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11),
-                                         (torch.float32, 2.0**-24))}
 
 
 def _step(backend, grads, dtype, momentum=0.9, lr=0.1):
@@ -31,13 +25,13 @@ def test_huge_grads_do_not_overflow(backend, dtype):
     """[1e20, -1e20] (its fp32 sum of squares overflows): a normal step of length lr."""
     (w,), opt = _step(backend, [torch.tensor([1e20, -1e20])], dtype)
     assert opt.skipped_steps.item() == 0
-    # TOL: the grads' rounding to the dtype (u: 2^-8 bf16, 2^-24 fp32) moves the norm by as much;
-    # the params (equal |g|: d / n exact up to its fp32 rounding) take fl(lr) * fl(d / n), their
-    # product's and the storage's roundings: u + 3 * 2^-24. Both within TOL.
+    # the grads' rounding to the dtype (u: 2^-8 bf16, 2^-24 fp32) moves the norm by as much; the
+    # params (equal |g|: d / n exact up to its fp32 rounding) take fl(lr) * fl(d / n), their
+    # product's and the storage's roundings: u + 3 * 2^-24. Both within FIRST_STEP_RTOL.
     torch.testing.assert_close(opt.grad_norm, torch.tensor(math.sqrt(2) * 1e20, dtype=torch.float64),
-                               rtol=TOL[dtype], atol=0)
+                               rtol=FIRST_STEP_RTOL[dtype], atol=0)
     torch.testing.assert_close(w, torch.tensor([-0.1, 0.1], dtype=torch.float64) / math.sqrt(2),
-                               rtol=TOL[dtype], atol=0)
+                               rtol=FIRST_STEP_RTOL[dtype], atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -47,9 +41,9 @@ def test_largest_finite_grads(backend, dtype):
     big = torch.finfo(dtype).max
     (w,), opt = _step(backend, [torch.full((1000,), big)], dtype)
     assert opt.skipped_steps.item() == 0
-    # equal elements: d / n = 1/sqrt(1000) up to its rounding, then as above (TOL)
+    # equal elements: d / n = 1/sqrt(1000) up to its rounding, then as above (FIRST_STEP_RTOL)
     torch.testing.assert_close(w, torch.full((1000,), -0.1 / math.sqrt(1000), dtype=torch.float64),
-                               rtol=TOL[dtype], atol=0)
+                               rtol=FIRST_STEP_RTOL[dtype], atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -59,9 +53,9 @@ def test_tiny_grads_do_not_underflow(backend, dtype):
     tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps  # the smallest subnormal
     (w,), opt = _step(backend, [torch.full((1000,), tiny)], dtype)
     assert opt.grad_norm.item() > 0
-    # equal elements: d / n = 1/sqrt(1000) up to its rounding, then as above (TOL)
+    # equal elements: d / n = 1/sqrt(1000) up to its rounding, then as above (FIRST_STEP_RTOL)
     torch.testing.assert_close(w, torch.full((1000,), -0.1 / math.sqrt(1000), dtype=torch.float64),
-                               rtol=TOL[dtype], atol=0)
+                               rtol=FIRST_STEP_RTOL[dtype], atol=0)
 
 
 def test_lemma_2_holds_for_mixed_tiny_grads(backend):
@@ -71,10 +65,12 @@ def test_lemma_2_holds_for_mixed_tiny_grads(backend):
     ws, opt = _step(backend, grads, torch.float32, momentum=0.0)
     length = torch.cat([w.flatten() for w in ws]).norm().item()
     # each element fl(fl(lr) * fl(d / n)) stored in fp32 (3 roundings) with d / n of norm 1 up to
-    # the fp64 sum of 1e6 squares (2 gamma_N ~ 2e-10): within TOL[float32] of lr
-    assert length == pytest.approx(0.1, rel=TOL[torch.float32])
-    # the grads' rounding to fp32 (2^-24) and the fp64 sum (~1e-10)
-    assert opt.grad_norm.item() == pytest.approx(math.sqrt(1e-42 + 1e6 * 6.25e-46), rel=1e-6)
+    # the fp64 sum of 1e6 squares (2 gamma_N ~ 2e-10): within FIRST_STEP_RTOL[float32] of lr
+    assert length == pytest.approx(0.1, rel=FIRST_STEP_RTOL[torch.float32])
+    # the grads' rounding to fp32 (2^-24 relative each: the norm moves by as much at most), the
+    # fp64 sum of 1e6 + 1 squares and its square root (norm_rtol_of_order, ~1e-10)
+    assert opt.grad_norm.item() == pytest.approx(math.sqrt(1e-42 + 1e6 * 6.25e-46),
+                                                 rel=2.0**-24 + norm_rtol_of_order(10**6 + 1))
 
 
 @pytest.mark.parametrize("scale", [2.0**-100, 2.0**-60, 1.0, 2.0**60, 2.0**100])
@@ -103,5 +99,5 @@ def test_weights_are_not_read_for_the_norm_without_weight_decay(backend):
     p.grad = torch.tensor([3.0, 0.0, 4.0])
     opt.step()
     assert opt.grad_norm.item() == 5.0 and opt.skipped_steps.item() == 0
-    # fp32: 2 - fl(fl(0.1) * 0.8) rounded once more: 3 * 2^-24 < approx's default rel=1e-6
-    assert p[1].item() == 1.0 and p[2].item() == pytest.approx(2.0 - 0.1 * 0.8)
+    # fp32: fl(2 - fl(fl(0.1) * fl(0.8))): three roundings of 2^-24 at most at |2 - 0.08|
+    assert p[1].item() == 1.0 and p[2].item() == pytest.approx(2.0 - 0.1 * 0.8, rel=3 * 2.0**-24)
