@@ -116,15 +116,18 @@ class StepBounds:
     norm_rtol: float
 
 
-def _one_side(uc, us, lr, beta, wd, nesterov, ws, ds, us_in, n, n_terms):
-    """|stored result - exact result| of one step whose operations round to uc (compute) and us
-    (storage) once each; see step_error_bounds."""
-    g3c = gamma(3, uc)
-    g2c = gamma(2, uc)
+def _one_side(uc, us, um, um_s, reads_stored, lrs, betas, wds, nesterovs, ws, ds, us_in, n,
+              n_terms):
+    """|stored result - exact result| of one step: d, v, the step and w round to uc (compute) and
+    us (storage), the momentum to um (its operations) and um_s (its storage); ``reads_stored``: the
+    param update reads the stored momentum (torch.optim.SGD) rather than the computed one (SNGM's
+    kernels and reference); see step_error_bounds."""
+    g3c, g2c, g3m = gamma(3, uc), gamma(2, uc), gamma(3, um)
     # d = fl(sign g + fl(fl(wd) w)): the grad is exact in the compute dtype, the product of the
     # rounded wd and w rounds twice, the sum once
     e_d = [uc * d.abs() + g3c * wd * w.abs() if wd else torch.zeros_like(d)
-           for d, w in zip(ds, ws)]
+           for d, w, wd in zip(ds, ws, wds)]
+    phi = 0.0
     if n is None:  # SGD: no normalization, v = d
         e_v, v = e_d, [d.abs() for d in ds]
     else:
@@ -141,16 +144,19 @@ def _one_side(uc, us, lr, beta, wd, nesterov, ws, ds, us_in, n, n_terms):
         e_v = [(e * (1 + kappa) + d.abs() * kappa) / n for e, d in zip(e_d, ds)]
         v = [d.abs() / n for d in ds]
     out_u, out_w = [], []
-    for w, ev, vv, u in zip(ws, e_v, v, us_in):
+    for w, ev, vv, u, lr, beta, nesterov in zip(ws, e_v, v, us_in, lrs, betas, nesterovs):
         if beta:
             big_u = beta * u.abs() + vv  # >= |beta u + v|
-            # U_c = fl(fl(fl(beta) u) + v_c): gamma_2 on beta u, the sum's rounding on the rest
-            e_u = g3c * beta * u.abs() + (1 + uc) * ev + uc * big_u
-            out_u.append(e_u + us * (big_u + e_u))  # and its rounding to storage
-            if nesterov:  # s_c = fl(v_c + fl(fl(beta) U_c))
+            # U = fl(fl(fl(beta) u) + v_c): gamma_2 on beta u, the sum's rounding on the rest
+            e_u = g3m * beta * u.abs() + (1 + um) * ev + um * big_u
+            e_us = e_u + um_s * (big_u + e_u)  # and its rounding to storage
+            out_u.append(e_us)
+            if reads_stored:
+                e_u = e_us
+            if nesterov:  # s_c = fl(v_c + fl(fl(beta) U))
                 s = vv + beta * big_u
                 e_s = (1 + uc) * (ev + beta * (e_u + g2c * (big_u + e_u))) + uc * s
-            else:  # the step is U_c itself (not its stored copy)
+            else:  # the step is U itself
                 s, e_s = big_u, e_u
         else:
             out_u.append(None)
@@ -159,24 +165,23 @@ def _one_side(uc, us, lr, beta, wd, nesterov, ws, ds, us_in, n, n_terms):
         big_w = w.abs() + lr * s
         e_w = (1 + uc) * lr * (e_s + g2c * (s + e_s)) + uc * big_w
         out_w.append(e_w + us * (big_w + e_w))
-    rtol = None
-    if n is not None:
-        rtol = (1 + phi) * (1 + norm_rtol_of_order(n_terms)) - 1
+    rtol = None if n is None else (1 + phi) * (1 + norm_rtol_of_order(n_terms)) - 1
     return out_u, out_w, rtol
 
 
-def step_error_bounds(dtype, *, lr: float, beta: float, wd: float, nesterov: bool,
-                      ws: Sequence[torch.Tensor], ds: Sequence[torch.Tensor],
+def step_error_bounds(dtype, *, lr, beta, wd, nesterov, ws: Sequence[torch.Tensor],
+                      ds: Sequence[torch.Tensor],
                       us: Sequence[torch.Tensor], n: Optional[float],
-                      uc: Optional[float] = None) -> StepBounds:
+                      torch_sgd_momentum: Optional[torch.dtype] = None) -> StepBounds:
     """Bounds on how far one step of params stored in ``dtype``, computed the way the kernels and
     the reference compute it (docs/ops.md; csrc/sngm_math.h: in the compute dtype C, fp64 for
     fp64 params and fp32 otherwise, each operation rounded once, the norm in fp64), may lie from
     the same step computed by hand in fp64 from the same stored values. ``ws``, ``us``: the
     stored params and momentum before the step, ``ds`` the directions d = sign g + wd w, all
-    fp64; ``n``: the fp64 norm of all of ``ds`` (None: torch.optim.SGD's step, no normalization);
-    ``uc``: the compute unit, the kernels' by default (torch.optim.SGD's ops round every result to
-    the param's dtype: pass UNIT[dtype] for it).
+    fp64; ``n``: the fp64 norm of all of ``ds``; ``lr``, ``beta``, ``wd``, ``nesterov``: one
+    value, or one per tensor (param groups). ``torch_sgd_momentum``: the momentum buffer's
+    dtype for a torch.optim.SGD step instead (``n`` None: no normalization; SGD's ops round every
+    result to their tensor's dtype, and its param update reads the stored buffer).
 
     Per element, with |fl(x) - x| <= u |x| and gamma_k (Higham Lemma 3.1), uc the compute unit
     and us the storage unit:
@@ -195,12 +200,22 @@ def step_error_bounds(dtype, *, lr: float, beta: float, wd: float, nesterov: boo
     for fp64 params). The norm: |n_c - n| <= ((1 + phi)(1 + r) - 1) n, likewise doubled.
     A step that drops weight decay, uses another norm or another momentum rule is off by far more
     than these: they are a few units of the dtype at each element's own scale."""
-    uc, us_ = (compute_unit(dtype) if uc is None else uc), UNIT[dtype]
+    if torch_sgd_momentum is None:
+        uc, us_ = compute_unit(dtype), UNIT[dtype]
+        um, um_s = uc, us_
+    else:
+        assert n is None, "torch.optim.SGD does not normalize"
+        uc = us_ = UNIT[dtype]
+        um = um_s = UNIT[torch_sgd_momentum]
     n_terms = sum(d.numel() for d in ds)
-    args = (lr, beta, wd, nesterov, ws, ds, us, n, n_terms)
-    ku, kw, kr = _one_side(uc, us_, *args)
+
+    def per_tensor(x):
+        return list(x) if isinstance(x, (list, tuple)) else [x] * len(ds)
+
+    args = (*map(per_tensor, (lr, beta, wd, nesterov)), ws, ds, us, n, n_terms)
+    ku, kw, kr = _one_side(uc, us_, um, um_s, torch_sgd_momentum is not None, *args)
     u64 = UNIT[torch.float64]
-    hu, hw, hr = _one_side(u64, u64, *args)
+    hu, hw, hr = _one_side(u64, u64, u64, u64, False, *args)
     momentum = [None if a is None else a + b for a, b in zip(ku, hu)]
     params = [a + b for a, b in zip(kw, hw)]
     return StepBounds(momentum, params, None if n is None else kr + hr)

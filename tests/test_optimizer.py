@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import sngm_ext
-from kit import Problem, Task, assert_close, assert_same, mlp, snapshot
+from bounds import elementwise_bounds, norm_rtol, step_error_bounds
+from kit import Magnitudes, Problem, Task, assert_runs_close, assert_same, assert_within, mlp, \
+    snapshot
 from sngm_ext import SNGM
 
 
@@ -207,11 +209,17 @@ def test_sngm_checkpoint_loads_into_sgd_and_back(backend):
     grads = {p: p.grad.clone() for p in m.parameters()}
     before = {p: p.detach().clone() for p in m.parameters()}
     sngm.step()
-    n = torch.sqrt(sum(g.double().square().sum() for g in grads.values()))
-    for p in m.parameters():  # the step continues SGD's momentum, SNGM's way
-        u = 0.9 * bufs[p].double() + grads[p].double() / n
-        assert_close(sngm.state[p]["momentum_buffer"], u.float(), torch.float32)
-        assert_close(p, (before[p].double() - 0.1 * u).float(), torch.float32)
+    ps = list(m.parameters())
+    ds = [grads[p].double() for p in ps]
+    n = torch.sqrt(sum(d.square().sum() for d in ds)).item()
+    # one step in fp32 from the same stored values, against fp64 by hand: bounds.step_error_bounds
+    bound = step_error_bounds(torch.float32, lr=0.1, beta=0.9, wd=0.0, nesterov=False,
+                              ws=[before[p].double() for p in ps], ds=ds,
+                              us=[bufs[p].double() for p in ps], n=n)
+    for i, p in enumerate(ps):  # the step continues SGD's momentum, SNGM's way
+        u = 0.9 * bufs[p].double() + ds[i] / n
+        assert_within(sngm.state[p]["momentum_buffer"], u, bound.momentum[i], f"momentum {i}")
+        assert_within(p, before[p].double() - 0.1 * u, bound.params[i], f"param {i}")
 
 
 def test_sgd_checkpoint_with_dampening_is_refused():
@@ -233,6 +241,7 @@ def test_zero_grad_modes_params_reassigned_and_grads_replaced(backend):
     def drive(be):
         m = P.model()
         opt = SNGM(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, backend=be)
+        mags = Magnitudes(opt)
         P.train(m, opt, 2, set_to_none=True)
         P.train(m, opt, 2, start=2, set_to_none=False)
         m.zero_grad()
@@ -243,14 +252,15 @@ def test_zero_grad_modes_params_reassigned_and_grads_replaced(backend):
         for p in m.parameters():  # grads replaced by new tensors
             p.grad = torch.ones_like(p)
         opt.step()
-        return snapshot(m, opt)
+        return snapshot(m, opt), mags
 
-    ref = drive("reference")
-    got = drive(backend)
-    for x, y in zip(got[0], ref[0]):
-        assert_close(x, y, torch.float32)
-    for k in ref[1]:
-        assert_close(got[1][k]["momentum_buffer"], ref[1][k]["momentum_buffer"], torch.float32)
+    ref, mags = drive("reference")
+    got, _ = drive(backend)
+    assert_runs_close(got.params, ref.params, mags, torch.float32)
+    assert got.state.keys() == ref.state.keys() == set(range(len(ref.params)))
+    assert_runs_close([got.state[k]["momentum_buffer"] for k in sorted(got.state)],
+                      [ref.state[k]["momentum_buffer"] for k in sorted(ref.state)], mags,
+                      torch.float32, momentum=True)
 
 
 def test_closure_lr_scheduler_and_added_group(backend):
@@ -259,29 +269,30 @@ def test_closure_lr_scheduler_and_added_group(backend):
         head = torch.nn.Linear(3, 2)
         torch.nn.init.constant_(head.weight, 0.1)
         opt = SNGM(m.parameters(), lr=0.2, momentum=0.9, backend=be)
+        mags = Magnitudes(opt)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-        losses = []
         for s in range(5):
             if s == 2:
                 opt.add_param_group({"params": head.parameters(), "lr": 0.05, "nesterov": True})
             x, y = P.batch(s)
+
+            seen = []
 
             def closure():
                 opt.zero_grad()
                 out = m(x) if s < 2 else head(m(x))
                 loss = torch.nn.functional.cross_entropy(out, y % 2 if s >= 2 else y)
                 loss.backward()
+                seen.append(loss)
                 return loss
 
-            losses.append(opt.step(closure).item())
+            assert opt.step(closure) is seen[0] and len(seen) == 1  # SGD's: the closure's loss
             sched.step()
-        return losses, [p.detach().clone() for p in list(m.parameters()) + list(head.parameters())]
+        return [p.detach().clone() for p in list(m.parameters()) + list(head.parameters())], mags
 
-    ref_l, ref_p = drive("reference")
-    l, p = drive(backend)
-    assert l == pytest.approx(ref_l, rel=1e-5)
-    for x, y in zip(p, ref_p):
-        assert_close(x, y, torch.float32)
+    ref, mags = drive("reference")
+    got, _ = drive(backend)
+    assert_runs_close(got, ref, mags, torch.float32)
 
 
 def test_params_without_grad_are_untouched(backend):
@@ -302,11 +313,17 @@ def test_functional_entry_point(backend):
     bufs = [None, None]
     ref_ps = [p.clone() for p in ps]
     ref_bufs = [None, None]
+    before = [p.abs().max().item() for p in ps]
     n = sngm_ext.sngm(ps, gs, bufs, lr=0.1, momentum=0.9, backend=backend)
     n_ref = sngm_ext.sngm(ref_ps, gs, ref_bufs, lr=0.1, momentum=0.9, backend="reference")
-    assert_close(n, n_ref, torch.float32)
-    for a, b in zip(ps + bufs, ref_ps + ref_bufs):
-        assert_close(a, b, torch.float32)
+    # one step on the same inputs: the norm's summation order alone (bounds.elementwise_bounds)
+    torch.testing.assert_close(n, n_ref, rtol=norm_rtol(torch.float32, 0, 11), atol=0)
+    for i, (a, b, u, ref_u) in enumerate(zip(ps, ref_ps, bufs, ref_bufs)):
+        du, dw = elementwise_bounds(torch.float32, 1, 0.1, 0.9,
+                                    max(before[i], b.abs().max().item()), ref_u.abs().max().item(),
+                                    11)
+        assert_within(a, b.double(), dw, f"param {i}")
+        assert_within(u, ref_u.double(), du, f"momentum {i}")
     with pytest.raises(ValueError, match="lr"):
         sngm_ext.sngm(ps, gs, bufs, lr=-1.0)
 

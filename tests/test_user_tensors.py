@@ -18,12 +18,12 @@ import pytest
 import torch
 from torch import nn
 
-from kit import Problem, Task, assert_all_close, convnet, mlp, values
+from bounds import step_error_bounds
+from kit import (Magnitudes, Problem, Task, assert_runs_close, assert_within, convnet, mlp,
+                 values)
 from sngm_ext import SNGM
 
 LR, MOMENTUM, WD = 0.05, 0.9, 1e-3
-TOL = dict(rtol=1e-5, atol=1e-6)  # fp32 (and fp64) fused vs reference
-BF16_TOL = dict(rtol=1.6e-2, atol=1e-3)
 
 
 # ---------------------------------------------------------------- models, data, optimizers
@@ -64,26 +64,45 @@ def own_storage(t):
     return t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
-def check_step_uses_grads_as_they_are(kind, opt, params, tol=TOL):
+def check_step_uses_grads_as_they_are(kind, opt, params):
     """Run opt.step() and check it used each ``p`` and ``p.grad`` as they are now, by hand in fp64.
 
     SGD and SNGM take the same direction ``d = g + wd * w``: SGD's buffer becomes
     ``momentum * u + d``, SNGM's ``momentum * u + d / n`` with ``n`` the global norm of ``d``
-    (which SNGM reports as ``grad_norm``); then ``w -= lr * u`` for both.
+    (which SNGM reports as ``grad_norm``); then ``w -= lr * u`` for both. Each within
+    bounds.step_error_bounds of the fp64 values: a few units of the dtype at each element's scale
+    (SGD's torch ops round every result to the param's dtype).
     """
+    dtype = params[0].dtype
     w0 = [p.detach().to(torch.float64, copy=True) for p in params]  # fp64 params: a copy
     d = [p.grad.detach().double() + WD * w for p, w in zip(params, w0)]
-    u0 = [opt.state[p]["momentum_buffer"].to(torch.float64, copy=True) if p in opt.state
-          else torch.zeros_like(w) for p, w in zip(params, w0)]
+    # SNGM's momentum follows the param's dtype: a buffer of another dtype is converted first
+    u0 = [(opt.state[p]["momentum_buffer"] if kind == "sgd" else
+           opt.state[p]["momentum_buffer"].to(p.dtype)).to(torch.float64, copy=True)
+          if p in opt.state else torch.zeros_like(w) for p, w in zip(params, w0)]
     n = torch.sqrt(sum((x * x).sum() for x in d))
+    # SGD keeps a buffer in the dtype it was made in (model.double() does not convert it)
+    buf_dtypes = {opt.state[p]["momentum_buffer"].dtype for p in params if p in opt.state}
+    sgd_buf = (buf_dtypes.pop() if len(buf_dtypes) == 1 else dtype) if kind == "sgd" else None
+    bound = step_error_bounds(dtype, lr=LR, beta=MOMENTUM, wd=WD, nesterov=False, ws=w0, ds=d,
+                              us=u0, n=None if kind == "sgd" else n.item(),
+                              torch_sgd_momentum=sgd_buf)
     opt.step()
     scale = 1.0 if kind == "sgd" else 1.0 / n
     if kind != "sgd":
-        torch.testing.assert_close(opt.grad_norm.double(), n, rtol=1e-6, atol=0)
-    for p, w, di, u in zip(params, w0, d, u0):
+        torch.testing.assert_close(opt.grad_norm.double(), n, rtol=bound.norm_rtol, atol=0)
+    for i, (p, w, di, u) in enumerate(zip(params, w0, d, u0)):
         u_new = MOMENTUM * u + di * scale
-        torch.testing.assert_close(opt.state[p]["momentum_buffer"].double(), u_new, **tol)
-        torch.testing.assert_close(p.detach().double(), w - LR * u_new, **tol)
+        assert_within(opt.state[p]["momentum_buffer"], u_new, bound.momentum[i],
+                      f"{kind}: momentum {i}")
+        assert_within(p, w - LR * u_new, bound.params[i], f"{kind}: param {i}")
+
+
+def assert_trained_like_reference(trained, backend, dtype=torch.float32):
+    """``trained[kind]``: (the tensors a run ends with, kit.Magnitudes of its optimizer); the
+    backend's within the bounds of two runs around the reference's (kit.assert_runs_close)."""
+    (got, _), (ref, mags) = trained[backend], trained["reference"]
+    assert_runs_close(got, ref, mags, dtype)
 
 
 # ---------------------------------------------------------------- 1. params and grads stay put
@@ -148,6 +167,7 @@ def test_safetensors_round_trip_after_steps(backend, tmp_path):
     for kind in kinds(backend):
         m = MLP.model()
         opt = make_opt(kind, m.parameters())
+        mags = Magnitudes(opt)
         MLP.train(m, opt, 3)
         sd = m.state_dict()
         assert_one_storage_per_tensor(sd)
@@ -165,8 +185,8 @@ def test_safetensors_round_trip_after_steps(backend, tmp_path):
         MLP.train(m, opt, 1, start=3)  # the saved and loaded copies do not follow the model
         assert all(torch.equal(loaded[k], fresh.state_dict()[k]) for k in sd)
         assert not torch.equal(m[0].weight, fresh[0].weight)
-        trained[kind] = values(fresh)
-    assert_all_close(trained[backend], trained["reference"], **TOL)
+        trained[kind] = (values(fresh), mags)
+    assert_trained_like_reference(trained, backend)
 
 
 def test_accelerate_save_model_keeps_every_param(backend, tmp_path):
@@ -240,6 +260,7 @@ def test_grad_data_replaced_between_steps(backend, nib):
         m = MLP.model()
         params = list(m.parameters())
         opt = make_opt(kind, m.parameters(), nib=nib and kind == backend)
+        mags = Magnitudes(opt)
         for s in range(5):
             opt.zero_grad(set_to_none=True)
             MLP.loss(m, s).backward()
@@ -247,8 +268,8 @@ def test_grad_data_replaced_between_steps(backend, nib):
                 for p in params:
                     p.grad.data = p.grad.data.clone() * 2
             check_step_uses_grads_as_they_are(kind, opt, params)
-        trained[kind] = values(m)
-    assert_all_close(trained[backend], trained["reference"], **TOL)
+        trained[kind] = (values(m), mags)
+    assert_trained_like_reference(trained, backend)
 
 
 @NIB
@@ -263,6 +284,7 @@ def test_channels_last_conversion_between_steps(backend, nib):
         m = CONVNET.model()
         params = list(m.parameters())
         opt = make_opt(kind, m.parameters(), nib=nib and kind == backend)
+        mags = Magnitudes(opt)
         for s in range(5):
             opt.zero_grad(set_to_none=True)
             CONVNET.loss(m, s).backward()
@@ -275,10 +297,10 @@ def test_channels_last_conversion_between_steps(backend, nib):
             ptrs = [p.data_ptr() for p in params]
             check_step_uses_grads_as_they_are(kind, opt, params)
             assert [p.data_ptr() for p in params] == ptrs, kind
-        trained[kind] = values(m)
+        trained[kind] = (values(m), mags)
         strides[kind] = [p.stride() for p in params]
     assert strides[backend] == strides["sgd"]
-    assert_all_close(trained[backend], trained["reference"], **TOL)
+    assert_trained_like_reference(trained, backend)
 
 
 # ---------------------------------------------------------------- 5. a reference kept to a grad
@@ -409,13 +431,14 @@ def test_param_given_twice_is_refused(backend):
     opt = make_opt(backend, [{"params": [w, b]}, {"params": list(m[2].parameters())}])
     ref = MLP.model()
     ref_opt = make_opt("reference", ref.parameters())
+    mags = Magnitudes(ref_opt)
     with pytest.raises(ValueError, match=message):
         opt.add_param_group({"params": [m[4].weight, w]})
     assert len(opt.param_groups) == 2
     opt.add_param_group({"params": list(m[4].parameters())})
     MLP.train(m, opt, 2)
     MLP.train(ref, ref_opt, 2)
-    assert_all_close(values(m), values(ref), **TOL)
+    assert_runs_close(values(m), values(ref), mags, torch.float32)
 
 
 # ---------------------------------------------------------------- 8. dtype changes
@@ -427,11 +450,11 @@ def test_model_dtype_change_between_steps(backend, dtype):
     the params keep the new dtype, are written in place and each step is the update computed by
     hand from the converted tensors; SNGM's momentum follows the param's dtype and the fused
     backend equals the reference doing the same."""
-    tol = BF16_TOL if dtype == torch.bfloat16 else TOL
     trained = {}
     for kind in kinds(backend):
         m = MLP.model()
         opt = make_opt(kind, m.parameters())
+        mags = Magnitudes(opt)
         MLP.train(m, opt, 2)
         m.to(dtype)
         params = list(m.parameters())
@@ -440,15 +463,18 @@ def test_model_dtype_change_between_steps(backend, dtype):
         for s in range(2, 5):
             opt.zero_grad(set_to_none=True)
             MLP.loss(m, s).backward()
-            check_step_uses_grads_as_they_are(kind, opt, params, tol)
+            check_step_uses_grads_as_they_are(kind, opt, params)
         assert all(p.dtype == dtype for p in params), kind
         assert [p.data_ptr() for p in params] == ptrs, kind
         assert all(not torch.equal(p, c) for p, c in zip(params, converted)), kind
         if kind != "sgd":
             bufs = [opt.state[p]["momentum_buffer"] for p in params]
             assert all(u.dtype == dtype and u.shape == p.shape for u, p in zip(bufs, params))
-            trained[kind] = values(m) + [u.clone() for u in bufs]
-    assert_all_close(trained[backend], trained["reference"], **tol)
+            trained[kind] = (values(m), [u.clone() for u in bufs], mags)
+    # 2 fp32 steps, then 3 in the new dtype: the bounds of 5 steps in it hold the fp32 ones too
+    (got, got_bufs, _), (ref, ref_bufs, mags) = trained[backend], trained["reference"]
+    assert_runs_close(got, ref, mags, dtype)
+    assert_runs_close(got_bufs, ref_bufs, mags, dtype, momentum=True)
 
 
 # ---------------------------------------------------------------- 9. deepcopy and load_state_dict
@@ -465,6 +491,7 @@ def test_deepcopy_and_load_state_dict_between_steps(backend):
         params = list(m.parameters())
         ptrs = [p.data_ptr() for p in params]
         opt = make_opt(kind, m.parameters())
+        mags = Magnitudes(opt)
         MLP.train(m, opt, 2)
         snap = copy.deepcopy(m)
         snap_values = values(snap)
@@ -481,8 +508,8 @@ def test_deepcopy_and_load_state_dict_between_steps(backend):
             check_step_uses_grads_as_they_are(kind, opt, params)
         assert [p.data_ptr() for p in params] == ptrs, kind
         assert all(torch.equal(q, v) for q, v in zip(snap.parameters(), snap_values)), kind
-        trained[kind] = values(m)
-    assert_all_close(trained[backend], trained["reference"], **TOL)
+        trained[kind] = (values(m), mags)
+    assert_trained_like_reference(trained, backend)
 
 
 # ---------------------------------------------------------------- 10. non-contiguous params
@@ -521,6 +548,7 @@ def test_non_contiguous_params_are_stepped_where_they_live(backend):
         outside = (t["big"][:, 50:].clone(), torch.cat([t["rows"][:2], t["rows"][3:]]).clone())
         start = values(params)
         opt = make_opt(kind, params)
+        mags = Magnitudes(opt)
         for s in range(4):
             opt.zero_grad(set_to_none=True)
             strided_loss(t, s).backward()
@@ -532,6 +560,6 @@ def test_non_contiguous_params_are_stepped_where_they_live(backend):
         assert torch.equal(t["big"][:, 50:], outside[0]), f"{kind}: wrote outside the slice"
         assert torch.equal(torch.cat([t["rows"][:2], t["rows"][3:]]), outside[1]), kind
         assert all(not torch.equal(p, q) for p, q in zip(params, start)), kind
-        trained[kind] = values(params)
-    assert_all_close(trained[backend], trained["reference"], **TOL)
+        trained[kind] = (values(params), mags)
+    assert_trained_like_reference(trained, backend)
 
