@@ -281,13 +281,6 @@ def assert_runs_close(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor],
         assert err <= bound, f"{'momentum' if momentum else 'param'} {i}: {err:.3g} > {bound:.3g}"
 
 
-def assert_all_close(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], *, rtol: float,
-                     atol: float) -> None:
-    assert len(xs) == len(ys), (len(xs), len(ys))
-    for x, y in zip(xs, ys):
-        torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
-
-
 # ---------------------------------------------------------------- the trainers' problem
 
 

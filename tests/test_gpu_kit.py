@@ -243,7 +243,9 @@ opt.step()
 tk = sys.modules["sngm_ext.triton_kernels"]
 assert tk.__file__ == {os.path.join(ROOT, "triton_kernels", "__init__.py")!r}, tk.__file__
 assert sngm_ext.triton_kernels is tk
-assert torch.allclose(p.detach(), torch.full((10,), 1 - 0.1 / 10 ** 0.5))
+# one step from w = 1 on equal grads: bounds.FIRST_STEP_RTOL[torch.float32] (no tests/ on the
+# path here), the fp32 expectation's own rounding within it too
+assert torch.allclose(p.detach(), torch.full((10,), 1 - 0.1 / 10 ** 0.5), rtol=4 * 2.0**-24, atol=0)
 from sngm_ext import _native_build
 assert _native_build.csrc_dir() == {os.path.join(ROOT, "csrc")!r}
 print("ok")
