@@ -14,16 +14,14 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._env import BackendUnavailable, flag  # noqa: F401  (BackendUnavailable: public here)
+
 BACKENDS = ("auto", "reference", "triton", "cpu", "cuda")
-
-
-class BackendUnavailable(RuntimeError):
-    """The requested backend cannot run here; the message says why and what would fix it."""
 
 
 def _triton_ops(device: torch.device):
     if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"):
+        if not flag("TRITON_INTERPRET", False):
             raise BackendUnavailable(
                 "backend 'triton' on CPU tensors runs only in Triton's interpreter: set "
                 "TRITON_INTERPRET=1 before importing sngm_ext (or use backend='cpu'/'reference')"

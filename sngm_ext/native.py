@@ -37,6 +37,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import _native_build as nb
+from ._env import BackendUnavailable, flag
 from ._ops import FusedOps
 
 _lock = threading.RLock()
@@ -45,13 +46,11 @@ _state: Dict[str, object] = {}  # "cpu" / "cuda" -> info dict, or the BackendUna
 
 
 def _unavailable(msg: str) -> Exception:
-    from .backends import BackendUnavailable
-
     return BackendUnavailable(msg)
 
 
 def _truthy(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+    return bool(flag(name, False))
 
 
 def load_ops(device_type: str) -> FusedOps:
@@ -72,8 +71,6 @@ def info() -> Dict[str, object]:
 
 
 def _ensure(part: str) -> None:
-    from .backends import BackendUnavailable
-
     st = _state.get(part)
     if isinstance(st, Exception):
         raise st
@@ -91,7 +88,7 @@ def _ensure(part: str) -> None:
 
 
 def _prebuilt_path(module: str) -> Optional[str]:
-    if os.environ.get("SNGM_PREBUILT", "").strip().lower() in ("0", "false", "no", "off"):
+    if flag("SNGM_PREBUILT") is False:
         return None
     pkg = os.path.dirname(os.path.abspath(__file__))
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
