@@ -396,9 +396,12 @@ class SNGM(Optimizer):
                 g.pop(k, None)
             check_hyperparameters(g["lr"], g["momentum"], g["weight_decay"], g["nesterov"])
             for p in g["params"]:
-                buf = opt.state.get(p, {}).get("momentum_buffer") if p in opt.state else None
-                if buf is not None:
-                    _check_loaded_buffer(p, buf)
+                st = opt.state.get(p)
+                if st is not None and not isinstance(st, dict):
+                    raise ValueError(f"cannot load a param's state that is a {type(st).__name__}, "
+                                     "not a dict")
+                if st and st.get("momentum_buffer") is not None:
+                    _check_loaded_buffer(p, st["momentum_buffer"])
         skipped = opt._loading[2]
         if extra is not None:
             skipped = _loaded_counter(extra)

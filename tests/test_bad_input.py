@@ -183,6 +183,7 @@ def _loaded(backend, edit):
      "NaN"),
     (lambda sd: sd["state"][1].__setitem__("momentum_buffer", "zeros"), "momentum buffer"),
     (lambda sd: sd["param_groups"][0].pop("momentum"), "momentum"),
+    (lambda sd: sd["state"].__setitem__(2, "a buffer"), "not a dict"),
     (lambda sd: sd["param_groups"][0].__setitem__("lr", float("inf")), "lr"),
     (lambda sd: sd["param_groups"][0].__setitem__("dampening", 0.1), "dampening"),
 ])
