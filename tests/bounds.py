@@ -43,10 +43,11 @@ def compute_unit(dtype) -> float:
     return UNIT[torch.float64] if dtype == torch.float64 else UNIT[torch.float32]
 
 
-# Relative error of a param after one step from zero whose elements all have the same |g| (so
-# d / n is 1 / sqrt(N) up to the fp64 sum's gamma_N, ~1e-13 here): the storage dtype's unit u plus
-# three fp32 roundings (fl(lr), d / n, their product); it also bounds a norm moved by the grads'
-# rounding to the dtype (u).
+# Relative error of a param after one step from zero whose elements all have the same |g| (d / n
+# is 1 / sqrt(N) up to the fp64 sum's gamma_N, ~1e-13 at N = 1000, and the fp64 sqrt and
+# inverse): three fp32 roundings (fl(lr), d / n, their product) plus the storage dtype's unit u
+# (the rounding of w to it; in fp32, where w needs none, room for gamma_N); u also bounds a norm
+# moved by the grads' rounding to the dtype.
 FIRST_STEP_RTOL = {dt: UNIT[dt] + 3 * UNIT[torch.float32]
                    for dt in (torch.bfloat16, torch.float16, torch.float32)}
 
