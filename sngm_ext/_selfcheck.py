@@ -53,12 +53,17 @@ STEPS = 2
 GRAD_SCALE = 1000.7  # not a power of two: 1 / scale rounds differently in fp32 and fp64
 
 
+def gamma(k: int, u: float = 2.0**-53) -> float:
+    """gamma_k = k u / (1 - k u): the relative error of k roundings of unit u (Higham Lemma 3.1)."""
+    assert k * u < 1, (k, u)
+    return k * u / (1 - k * u)
+
+
 def norm_rtol_of_order(n_terms: int) -> float:
     """How far apart, relative, two backends' norms of the same N = ``n_terms`` values may be: the
     fp64 sums of squares in two orders (2 gamma_N), halved by the square root, plus the roundings
     of the square roots and inverses (the module's doc)."""
-    u = 2.0**-53
-    return n_terms * u / (1 - n_terms * u) + 3 * u
+    return gamma(n_terms) + 3 * 2.0**-53
 
 
 def elementwise_bounds(dtype: torch.dtype, steps: int, lr: float, beta: float, max_w, max_u,
@@ -136,7 +141,10 @@ def _run(backend: str, device: torch.device, dtype: torch.dtype, norm: str = "gl
         kinds += shapes
     opt = SNGM(groups, lr=0.1, norm=norm, backend=backend)
     max_w = [p.detach().abs().double() for p in params]
-    max_u = [torch.zeros_like(m) for m in max_w]
+    # Without a momentum buffer (momentum 0) the update moves w by lr * nd, |nd_i| <= ||nd|| = 1:
+    # Mu = 2 covers it in elementwise_bounds' (1 + beta) Mu (tests/scenarios.py NO_MOMENTUM_MU).
+    max_u = [torch.zeros_like(m) if h["momentum"] else torch.full_like(m, 2.0)
+             for m, h in zip(max_w, hyper)]
     norms = []
     for step in range(STEPS):
         for i, (p, kind) in enumerate(zip(params, kinds)):  # grads laid out as their params

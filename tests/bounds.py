@@ -27,7 +27,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from sngm_ext._selfcheck import elementwise_bounds, norm_rtol, norm_rtol_of_order
+from sngm_ext._selfcheck import elementwise_bounds, gamma, norm_rtol, norm_rtol_of_order
 
 __all__ = ["UNIT", "compute_unit", "FIRST_STEP_RTOL", "gamma", "two_sums_rtol", "stored_step_bound",
            "step_error_bounds", "StepBounds", "elementwise_bounds", "norm_rtol",
@@ -52,10 +52,6 @@ FIRST_STEP_RTOL = {dt: UNIT[dt] + 3 * UNIT[torch.float32]
                    for dt in (torch.bfloat16, torch.float16, torch.float32)}
 
 
-def gamma(k: int, u: float = UNIT[torch.float64]) -> float:
-    """gamma_k = k u / (1 - k u): the relative error of k roundings of unit u (Higham Lemma 3.1)."""
-    assert k * u < 1, (k, u)
-    return k * u / (1 - k * u)
 
 
 def two_sums_rtol(n: int) -> float:
