@@ -126,19 +126,35 @@ def _step(opt, ps):
 
 
 def test_an_eager_step_after_a_captured_one_builds_its_own_plan(fake, fused_backend, monkeypatch):
-    """The optimizer's first step is the captured one (no warm-up): the next eager step does not
-    read the tables it built (they are filled only at replay), and a steady loop then builds none."""
+    """A step captured with a layout never seen before (after the warm-up step a capture needs:
+    here the second param sits the captured step out, a new plan): the next eager step with that
+    layout does not read the tables the capture built (they are filled only at replay), and a
+    steady loop then builds none."""
     built = []
     real = layout.make_plan
     monkeypatch.setattr(layout, "make_plan", lambda *a, **k: built.append(a) or real(*a, **k))
     ps = [torch.nn.Parameter(torch.randn(n)) for n in (5000, 3)]
     opt = SNGM(ps, lr=0.1, momentum=0.9, backend=fused_backend)
+    _step(opt, ps)  # the warm-up: momentum buffers and the counter exist from here on
+    ps[1].grad = None
     fake.capturing = True
-    _step(opt, ps)
+    _step(opt, ps[:1])
     fake.capturing = False
     for _ in range(3):
+        _step(opt, ps[:1])
+    assert len(built) == 3  # the warm-up's, the capture's, the eager steps' own
+
+
+def test_a_first_step_inside_a_capture_is_refused(fake, fused_backend):
+    """Without a warm-up the step would create momentum buffers inside the graph (zeroed again by
+    every replay): refused, naming the warm-up, with nothing changed."""
+    ps = [torch.nn.Parameter(torch.randn(n)) for n in (5000, 3)]
+    before = [p.detach().clone() for p in ps]
+    opt = SNGM(ps, lr=0.1, momentum=0.9, backend=fused_backend)
+    fake.capturing = True
+    with pytest.raises(RuntimeError, match="warm-up"):
         _step(opt, ps)
-    assert len(built) == 2
+    assert all(torch.equal(p, b) for p, b in zip(ps, before)) and not opt.state
 
 
 triton_only = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
