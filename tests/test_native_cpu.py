@@ -11,7 +11,8 @@ import sngm_ext
 from sngm_ext import SNGM, BackendUnavailable
 from sngm_ext.layout import make_plan
 from bounds import elementwise_bounds
-from scenarios import DTYPES, grads_for, make_params, run
+from kit import check_non_finite_grad_skips_the_step
+from scenarios import DTYPES, run
 
 
 @pytest.fixture(scope="module")
@@ -35,36 +36,6 @@ def test_bitwise_deterministic_across_runs_and_thread_counts(ops, dtype):
         for x, y in zip(a.params + a.bufs + a.norms, other.params + other.bufs + other.norms):
             if x is not None:
                 assert torch.equal(x, y)
-
-
-def check_non_finite_grad_skips_the_step(backend, dtype, bad, device="cpu"):
-    """A NaN/Inf in one grad: params and momentum untouched, the device-side counter grows, and a
-    finite step afterwards goes through (shared with the GPU tests)."""
-    params = make_params(dtype, device=device)
-    opt = SNGM([dict(params=params[:4]), dict(params=params[4:], nesterov=True, momentum=0.5)],
-               lr=0.1, momentum=0.9, weight_decay=1e-2, backend=backend)
-    for p, g in zip(params, grads_for(params, 0)):
-        p.grad = g
-    opt.step()
-    before = [p.detach().clone() for p in params]
-    bufs = [opt.state[p]["momentum_buffer"].clone() for p in params if p in opt.state]
-    grads = grads_for(params, 3)
-    grads[6].view(-1)[1234] = bad
-    for p, g in zip(params, grads):
-        p.grad = g
-    opt.step()
-    assert opt.skipped_steps.device == params[0].device and opt.skipped_steps.item() == 1
-    assert not torch.isfinite(opt.grad_norm)
-    for x, y in zip(params, before):
-        assert torch.equal(x.detach(), y)
-    after = [opt.state[p]["momentum_buffer"] for p in params if p in opt.state]
-    for x, y in zip(after, bufs):
-        assert torch.equal(x, y)
-    for p, g in zip(params, grads_for(params, 4)):
-        p.grad = g
-    opt.step()
-    assert opt.skipped_steps.item() == 1
-    assert not torch.equal(params[3].detach(), before[3])
 
 
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
