@@ -31,6 +31,7 @@ def fused_step(
     prepared: Prepared,
     ops,
     *,
+    device: torch.device,
     tensor_groups: Sequence[TensorGroup],
     per_tensor: bool,
     skipped_steps: Tensor,
@@ -44,6 +45,7 @@ def fused_step(
     """One SNGM step of ``prepared`` (the checked lists of ``tensor_groups``) through ``ops`` (a
     backend's FusedOps); returns the norm.
 
+    ``device``: where the step runs (the params' device; a rank without grads still runs there).
     ``lrs[gi]``: group gi's (lr_tensor, lr) operands (_group.lr_operands).
     ``reduce_sumsq`` (an in-place all-reduce, say) sees the sums of squares between the phases.
     ``grad_scale`` / ``found_inf``: GradScaler's tensors (the grads are still scaled; a found inf
@@ -51,7 +53,6 @@ def fused_step(
     partials already, summed by the grad hooks during backward.
     """
     lists, groups = prepared.lists, tensor_groups
-    device = prepared.device or torch.device("cpu")
     plan = plan_for(plans, lists, per_tensor, device)
 
     # With no weight decay anywhere the step does not depend on the grads' scale: a GradScaler's

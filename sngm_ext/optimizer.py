@@ -366,16 +366,12 @@ class SNGM(Optimizer):
                          state_dict.get("sngm"))
         try:
             super().load_state_dict(state_dict)
-        except Exception:
-            self._restore()
+        except Exception:  # put back what was there
+            self.state, self.param_groups, self._stepper.skipped, _ = self._loading
+            self._index_groups()
             raise
         finally:
             self._loading = None
-
-    def _restore(self) -> None:
-        if self._loading is not None:
-            self.state, self.param_groups, self._stepper.skipped, _ = self._loading
-            self._index_groups()
 
     @staticmethod
     def _after_load(opt: "SNGM") -> None:
@@ -446,15 +442,15 @@ def _check_loaded_buffer(p: Tensor, buf) -> None:
     DTensor param's may be its local shard)."""
     from .distributed import is_dtensor, local_tensor
 
-    if is_dtensor(p) and isinstance(buf, Tensor) and not is_dtensor(buf) \
-            and buf.shape == local_tensor(p).shape:
-        checked = buf
-    else:
-        checked = buffer_for(p, buf) if not is_dtensor(p) else buf
-        if is_dtensor(p) and (not isinstance(buf, Tensor) or buf.shape != p.shape):
+    if is_dtensor(p):
+        shard = (isinstance(buf, Tensor) and not is_dtensor(buf)
+                 and buf.shape == local_tensor(p).shape)
+        if not shard and not (isinstance(buf, Tensor) and buf.shape == p.shape):
             raise ValueError(f"SNGM: a momentum buffer of {getattr(buf, 'shape', buf)!r} for a "
                              f"param of shape {tuple(p.shape)}")
-    values = local_tensor(checked)
+        values = local_tensor(buf)
+    else:
+        values = buffer_for(p, buf)  # the step's own checks of a buffer
     if values.device.type != "meta" and values.numel() and not bool(torch.isfinite(values).all()):
         raise ValueError(f"SNGM: the momentum buffer of a param of shape {tuple(p.shape)} holds "
                          "NaN or Inf values (a step would write them into the param)")

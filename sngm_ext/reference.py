@@ -44,6 +44,7 @@ def sngm_reference(
     prepared: Prepared,
     groups: Sequence[TensorGroup],
     *,
+    device: torch.device,
     norm: str = "global",
     skipped_steps: Optional[Tensor] = None,
     reduce_sumsq: Optional[Callable[[Tensor], None]] = None,
@@ -57,7 +58,6 @@ def sngm_reference(
     lists' order], before they are used (the fused backends hand the same vector to the same
     hook). ``skipped_steps`` (int64 0-dim) grows by one when the step is skipped.
     """
-    device = prepared.device or torch.device("cpu")
     work: List[Tuple[TensorGroup, Tensor, Tensor, Optional[Tensor]]] = []  # (group, p, d, u)
     for lst in prepared.lists:
         grp = groups[lst.group_index]

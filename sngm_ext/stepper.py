@@ -124,7 +124,7 @@ class Stepper:
                 self.grad_norm = torch.zeros((), dtype=ACC_DTYPE, device=device)
                 return run, None
             device = dist.device  # a rank without grads still joins the collective
-        name, ops = self.resolve(device)
+        _, ops = self.resolve(device)
         lrs = [lr_operands(grp.lr, device) for grp in run]
         if (prepared.new_buffers or self.skipped is None or self.skipped.device != device) \
                 and device_cache._capturing(device):
@@ -142,7 +142,8 @@ class Stepper:
             reduce_sumsq = dist.reducer(self.norm,
                                         prepared.segment_params(run) if segments else None)
         if ops is None:
-            norm = sngm_reference(prepared, run, norm="tensor" if per_tensor else "global",
+            norm = sngm_reference(prepared, run, device=device,
+                                  norm="tensor" if per_tensor else "global",
                                   skipped_steps=skipped,
                                   reduce_sumsq=reduce_sumsq, grad_scale=grad_scale,
                                   found_inf=found_inf)
@@ -150,7 +151,8 @@ class Stepper:
             sums = self.sums if dist is None or not dist.dtensor else None
             if sums is not None and sums.ops is not ops:
                 sums.ops = ops
-            norm = _fused.fused_step(prepared, ops, tensor_groups=run, per_tensor=per_tensor,
+            norm = _fused.fused_step(prepared, ops, device=device, tensor_groups=run,
+                                     per_tensor=per_tensor,
                                      skipped_steps=skipped, plans=self.plans,
                                      reduce_sumsq=reduce_sumsq, grad_scale=grad_scale,
                                      found_inf=found_inf, backward_sums=sums, lrs=lrs)
