@@ -36,6 +36,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import device_cache  # its _capturing: the one capture flag
+
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
@@ -117,8 +119,6 @@ class BackwardSums:
         self.records.clear()
         if plan is self.plan:
             return
-        from . import device_cache
-
         if device_cache._capturing(plan.partials.device):
             # The hooks' table slices would be clones made in the capture: filled only when the
             # graph replays. Not armed: the steps sum phase 1 themselves until an eager step.
