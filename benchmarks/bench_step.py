@@ -485,7 +485,7 @@ def measure_phases(pset: ParamSet, device: torch.device, specs: Sequence[Variant
     benchmark's hyper-parameters), and ``_foreach_copy_`` of the grads as the yardstick, timed in
     interleaved rounds. {"<backend>:<op>" or "copy_grads": stats with "gbps" (the op's bytes)}."""
     from sngm_ext.backends import resolve_backend
-    from sngm_ext.layout import ACC_DTYPE, make_plan
+    from sngm_ext.layout import make_plan
 
     wl = Workload(pset, device)
     ps = [p.detach() for p in wl.shared]
@@ -493,7 +493,7 @@ def measure_phases(pset: ParamSet, device: torch.device, specs: Sequence[Variant
     mom = [torch.zeros_like(p) for p in ps]
     dst = [torch.empty_like(g) for g in gs]
     plan = make_plan([[p.numel() for p in ps]], False, device)
-    sumsq = torch.empty(plan.n_sumsq, dtype=ACC_DTYPE, device=device)
+    sumsq = torch.empty_like(plan.sumsq)
     s = pset.elem_size * pset.numel
     cases = [Case("copy_grads", lambda: torch._foreach_copy_(dst, gs))]
     nbytes = {"copy_grads": 2 * s}

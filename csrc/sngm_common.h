@@ -122,29 +122,38 @@ inline void check_scalar(const char* op, const char* what, const std::optional<a
   }
 }
 
-// sumsq's output: partials[partial_offset : partial_offset + n_chunks] must exist.
+// A [3, n] float64 tensor of sums (partials, sumsq): rows med, big, small (../sngm_math.h).
+inline void check_rows3(const char* op, const char* what, const at::Tensor& t,
+                        const c10::Device& device) {
+  check_aux(op, what, t, c10::kDouble, device);
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == 3 && t.size(1) >= 1, "sngm_native::", op, ": ", what,
+              " must have shape [3, n >= 1] (med, big and small sums of squares), got ",
+              t.sizes());
+}
+
+// sumsq's output: partials[:, partial_offset : partial_offset + n_chunks] must exist.
 inline void check_partials(const at::Tensor& partials, int64_t partial_offset, int64_t n_chunks,
                            const c10::Device& device) {
-  check_aux("sumsq", "partials", partials, c10::kDouble, device);
-  TORCH_CHECK(partial_offset >= 0 && partial_offset <= partials.numel() - n_chunks,
-              "sngm_native::sumsq: partials[", partial_offset, ":", partial_offset + n_chunks,
-              "] is out of range for ", partials.numel(), " partials");
+  check_rows3("sumsq", "partials", partials, device);
+  TORCH_CHECK(partial_offset >= 0 && partial_offset <= partials.size(1) - n_chunks,
+              "sngm_native::sumsq: partials[:, ", partial_offset, ":", partial_offset + n_chunks,
+              "] is out of range for ", partials.size(1), " partials");
 }
 
 // finalize's tensors (seg_ptr's contents aside: only the CPU can read them before it runs).
 inline void check_finalize(const at::Tensor& partials, const at::Tensor& seg_ptr,
                            const std::optional<at::Tensor>& found_inf, const at::Tensor& sumsq,
                            const c10::Device& device) {
-  check_aux("finalize", "partials", partials, c10::kDouble, device);
+  check_rows3("finalize", "partials", partials, device);
   check_aux("finalize", "seg_ptr", seg_ptr, c10::kLong, device);
-  check_aux("finalize", "sumsq", sumsq, c10::kDouble, device);
+  check_rows3("finalize", "sumsq", sumsq, device);
   check_scalar("finalize", "found_inf", found_inf, device);
   TORCH_CHECK(seg_ptr.dim() == 1 && seg_ptr.numel() >= 1,
               "sngm_native::finalize: seg_ptr must have shape [n_segments + 1], got ",
               seg_ptr.sizes());
   const int64_t n_seg = seg_ptr.numel() - 1;
-  TORCH_CHECK(sumsq.numel() == 1 || sumsq.numel() >= 1 + n_seg, "sngm_native::finalize: sumsq has ",
-              sumsq.numel(), " entries: 1 (the total) or at least 1 + ", n_seg,
+  TORCH_CHECK(sumsq.size(1) == 1 || sumsq.size(1) >= 1 + n_seg, "sngm_native::finalize: sumsq "
+              "has ", sumsq.size(1), " columns: 1 (the total) or at least 1 + ", n_seg,
               " (the total and one per segment)");
 }
 
@@ -154,8 +163,7 @@ inline void check_update_inputs(const at::Tensor& sumsq,
                                 const std::optional<at::Tensor>& grad_scale,
                                 const std::optional<at::Tensor>& lr_tensor,
                                 const c10::Device& device) {
-  check_aux("update", "sumsq", sumsq, c10::kDouble, device);
-  TORCH_CHECK(sumsq.numel() >= 1, "sngm_native::update: sumsq is empty");
+  check_rows3("update", "sumsq", sumsq, device);
   check_scalar("update", "grad_scale", grad_scale, device);
   if (lr_tensor.has_value()) {
     const at::Tensor& t = *lr_tensor;

@@ -6,10 +6,18 @@
 // float otherwise; sums of squares, the norm and its inverse are always double):
 //     g    = g_stored * inv_scale     (inv_scale = 1 / grad_scale under GradScaler, else 1: exact)
 //     d    = sign * g + wd * w        (wd == 0: w is not read; the reference adds nothing either)
-//     sumsq += double(d) * double(d)  (every fp32 square fits a double: no finite fp32/bf16/fp16
-//                                      gradient overflows the norm or underflows it to zero)
-//     inv  = n > 0 ? 1 / n : 0,  n = sqrt(sumsq)          (double)
-//     nd   = C(double(d) * inv)       (in double: inv may lie outside fp32's range, d * inv not)
+//     x    = |double(d)|, summed into three accumulators (Blue's scaled sum of squares, so that
+//            no finite gradient of any dtype, fp64 included, overflows or underflows the norm):
+//              med   += x^2                 for kSmall <= x <= kBig (and NaN: it must propagate)
+//              big   += (x * kBigScale)^2   for x > kBig   (fp64 only: no fp32 value is that big)
+//              small += (x * kSmallScale)^2 for x < kSmall (fp64 only: no nonzero fp32 value's
+//                                           square is small enough to matter; zero adds nothing)
+//            every fp32/bf16/fp16 square fits a double, so other dtypes sum into med alone
+//     (q, pre, post) = combine(med, big, small)       (the norm is n = sqrt(q) / (pre * post))
+//     inv  = q > 0 ? 1 / sqrt(q) : 0                   (double)
+//     nd   = C(((double(d) * pre) * inv) * post)       (pre = post = 1 unless an fp64 gradient is
+//                                                       beyond ~1e+-150: then the same bits as
+//                                                       double(d) * inv; powers of two are exact)
 //     u'   = beta * u + nd
 //     step = nesterov ? nd + beta * u' : u'
 //     w'   = w - lr * step
@@ -38,6 +46,42 @@ SNGM_HD T direction(T g, T w, T sign, T wd) {
   } else {
     return sign * g;
   }
+}
+
+// The range of the sum of squares (fp64 gradients) ------------------------------------------------
+// Thresholds and scales are powers of two (exact to multiply by), after Blue (ACM TOMS 4(1), 1978)
+// and LAPACK 3.10's dnrm2 (Anderson, "Algorithm 978", ACM TOMS 2017), with a larger small scale:
+//   x > kBig = 2^486: (x * 2^-538)^2 <= 2^972, so 2^52 such terms cannot overflow;
+//   x < kSmall = 2^-511: (x * 2^600)^2 >= 2^-948 for every subnormal x, a normal double;
+//   otherwise x^2 lies in [2^-1022, 2^972]: normal, rounded once.
+// sngm_ext/scaled_norm.py (the reference) and triton_kernels/scaled.py hold the same constants
+// and rules; tests/test_scaled_norm.py keeps the three equal.
+constexpr double kBig = 0x1p486;
+constexpr double kBigScale = 0x1p-538;
+constexpr double kSmall = 0x1p-511;
+constexpr double kSmallScale = 0x1p600;
+// Below this, med is folded into the small accumulator (when there is one): med < 2^-900 gives
+// med * 2^1200 < 2^300; above it, the small terms (each < 2^-1022, at most 2^40 of them) weigh
+// less than 2^-82 of med and are dropped.
+constexpr double kMedFloor = 0x1p-900;
+
+// Which accumulator x = |d| (double) belongs to: 1 big, 2 small, 0 med (NaN included).
+SNGM_HD int range_of(double x) { return x > kBig ? 1 : (x < kSmall ? 2 : 0); }
+
+// A segment's three sums as one scaled square: n^2 = q / (pre * post)^2.
+struct Scaled {
+  double q, pre, post;
+};
+
+// Every branch keeps med in q, so a NaN or inf anywhere makes q non-finite (a skipped step).
+SNGM_HD Scaled combine(double med, double big, double small) {
+  if (big > 0.0) {
+    return {big + (med * kBigScale) * kBigScale, 1.0, kBigScale};
+  }
+  if (small > 0.0 && med < kMedFloor) {
+    return {small + (med * kSmallScale) * kSmallScale, kSmallScale, 1.0};
+  }
+  return {med, 1.0, 1.0};
 }
 
 // Between the phases -----------------------------------------------------------------------------
@@ -75,6 +119,12 @@ SNGM_HD C normalize(C d, double inv) {
   return static_cast<C>(static_cast<double>(d) * inv);
 }
 
+// The scaled normalization: the scales are exactly 1 unless an fp64 gradient is out of range.
+template <typename C>
+SNGM_HD C normalize(C d, double inv, double pre, double post) {
+  return static_cast<C>(((static_cast<double>(d) * pre) * inv) * post);
+}
+
 // Updates w (and u when HAS_MOM) in place from g, given nd = normalize(d): one element (or one
 // vector of elements). The caller computes d = direction(g * gscale, w, ...) and normalizes it.
 template <bool HAS_MOM, bool NESTEROV, typename T>
@@ -93,18 +143,30 @@ SNGM_HD void apply(T& w, T& u, T nd, const Hyper<T>& h) {
   w = w - h.lr * step;
 }
 
-// The whole per-element update for scalars (the CUDA kernels and the CPU scalar tails).
+// The whole per-element update for scalars (the CUDA kernels and the CPU scalar tails); pre and
+// post are combine()'s scales (1 and 1 in range: then exactly normalize(d, inv)).
 template <bool HAS_MOM, bool NESTEROV, bool HAS_WD, typename C>
-SNGM_HD void update(C& w, C& u, C g, const Hyper<C>& h, double inv) {
+SNGM_HD void update(C& w, C& u, C g, const Hyper<C>& h, double inv, double pre, double post) {
   const C d = direction<HAS_WD>(g * h.gscale, w, h.sign, h.wd);
-  apply<HAS_MOM, NESTEROV>(w, u, normalize(d, inv), h);
+  apply<HAS_MOM, NESTEROV>(w, u, normalize(d, inv, pre, post), h);
 }
 
-// One element's square for phase 1, in double.
+// One element's square for phase 1, in double (fp32/bf16/fp16: all into med).
 template <bool HAS_WD, typename C>
 SNGM_HD double square(C g, C w, C sign, C wd, C gscale) {
   const double d = static_cast<double>(direction<HAS_WD>(g * gscale, w, sign, wd));
   return d * d;
+}
+
+// One fp64 element into the three accumulators acc[0] med, acc[1] big, acc[2] small.
+template <bool HAS_WD>
+SNGM_HD void add_scaled_square(double acc[3], double g, double w, double sign, double wd,
+                               double gscale) {
+  const double d = direction<HAS_WD>(g * gscale, w, sign, wd);
+  const double x = d < 0.0 ? -d : d;
+  const int r = range_of(x);
+  const double y = r == 1 ? x * kBigScale : (r == 2 ? x * kSmallScale : x);
+  acc[r] += y * y;
 }
 
 }  // namespace sngm

@@ -38,15 +38,18 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import scaled_norm
 from ._group import TensorGroup
 from .layout import ACC_DTYPE
+from .scaled_norm import ROWS
 
 __all__ = ["DistPlan", "LOCAL", "plan_for", "is_dtensor", "local_tensor"]
 
 LOCAL = "local"  # process_group value: this rank's own norm, no collective, no check
 
-# Two ranks hold "the same" gradient when their fp64 sums of squares agree to this relative
-# tolerance. The squares of fp32 elements are exact in fp64 and all terms are >= 0, so summing the
+# Two ranks hold "the same" gradient when their norms agree to this relative tolerance (compared
+# as norms, not squares: an fp64 norm's square may exceed the double range; a norm's relative
+# difference is half its square's, so the bound below holds with room). The squares of fp32 elements are exact in fp64 and all terms are >= 0, so summing the
 # same n squares in another order changes the sum by at most (n - 1) * 2^-53 relative (Higham,
 # Accuracy and Stability of Numerical Algorithms, 2nd ed., eq. (4.4)): 1.2e-7 for n = 2^30;
 # weight decay computed with or without an FMA moves each d by <= 2^-24 relative, its square by
@@ -235,12 +238,13 @@ class DistPlan:
     def reducer(self, norm: str, segment_params: Optional[List[int]]) -> Optional[Callable]:
         """The in-place ``reduce_sumsq`` of this step, or None when it communicates nothing.
 
-        It receives the fp64 sums of squares, ``[total]`` or ``[total, one per present tensor]``
-        (``segment_params[k]``: the index among all params of the param behind ``sumsq[1 + k]``),
+        It receives the fp64 sums of squares, ``[3, 1]`` (the total) or ``[3, 1 + k]`` (and one
+        column per present tensor; ``segment_params[k]``: the index among all params of the
+        param behind column ``1 + k``), rows scaled_norm.py's additive med, big and small sums,
         between the two phases of the step, before anything user-visible is written, and leaves
-        the global sums in place: the total in ``sumsq[0]``; with ``norm="tensor"`` each tensor's
-        own; with ``norm="global"`` and per-tensor entries (``needs_per_tensor_sums``) the total
-        in EVERY entry, so that an update that reads each tensor's entry uses the global norm.
+        the global sums in place: the total in column 0; with ``norm="tensor"`` each tensor's
+        own; with ``norm="global"`` and per-tensor columns (``needs_per_tensor_sums``) the total
+        in EVERY column, so that an update that reads each tensor's column uses the global norm.
         """
         if not self.groups or (not self.reduce and self.check is None):
             return None
@@ -258,46 +262,50 @@ class DistPlan:
         acc, device, n = ACC_DTYPE, self.device, self.n_params
 
         def reduce_sumsq(sumsq: Tensor) -> None:
-            local = sumsq.to(device=device, dtype=acc)
+            local = sumsq.to(device=device, dtype=acc)  # [3, m]: scaled_norm's additive rows
             full = per = None
             if uses_slots:
-                if local.numel() != 1 + len(order):
-                    raise RuntimeError(_UNWIRED if local.numel() == 1 else
-                                       f"SNGM internal error: {local.numel()} sums of squares "
+                if local.shape[1] != 1 + len(order):
+                    raise RuntimeError(_UNWIRED if local.shape[1] == 1 else
+                                       f"SNGM internal error: {local.shape[1] - 1} sums of squares "
                                        f"for {len(order)} tensors")
                 if order == tuple(range(n)):
                     full = local
                 else:
-                    full = torch.zeros(1 + n, dtype=acc, device=device)
-                    full.index_copy_(0, plan._index(order), local)
-                per = full[1:]
+                    full = torch.zeros(ROWS, 1 + n, dtype=acc, device=device)
+                    full.index_copy_(1, plan._index(order), local)
+                per = full[:, 1:]
                 if plan.weights is not None:
                     per = per * plan.weights
                 elif plan.uniform_weight != 1.0:
                     per = per * plan.uniform_weight
             if plan.weights is not None:
                 # the kernels mark GradScaler's found_inf in the total alone: keep it
-                total = torch.where(torch.isfinite(local[0]), per.sum(), local[0]).reshape(1)
+                total = torch.where(torch.isfinite(local[:, :1]), per.sum(1, keepdim=True),
+                                    local[:, :1])
             elif plan.uniform_weight != 1.0:
-                total = local[:1] * plan.uniform_weight
+                total = local[:, :1] * plan.uniform_weight
             else:
-                total = local[:1]
+                total = local[:, :1]
             # a check-only step (DDP) gathers the check's entries alone
             cols = ([total, per] if per_tensor_out else [total]) if plan.reduce else []
-            n_sum = (1 + (n if per_tensor_out else 0)) if plan.reduce else 0
+            width = (1 + (n if per_tensor_out else 0)) if plan.reduce else 0
+            parts = [torch.cat(cols, 1).reshape(-1)] if cols else []
             if check is not None:
-                cols.append(_check_column(local, full, plan.check_params))
-            reduced = _gather_sum(torch.cat(cols), plan.groups, n_sum, check is not None)
+                parts.append(_check_column(local, full, plan.check_params))
+            n_sum = ROWS * width
+            reduced = _gather_sum(torch.cat(parts), plan.groups, n_sum, check is not None)
             if check is not None:
                 plan._run_check(reduced[n_sum:])
                 if not plan.reduce:
                     return
+            sums = reduced[:n_sum].view(ROWS, width)
             if per_tensor_out:
-                sumsq.copy_(reduced[:n_sum].index_select(0, plan._index(order)))
+                sumsq.copy_(sums.index_select(1, plan._index(order)))
             elif norm == "tensor":  # whole tensors per rank: their own sums are complete
-                sumsq[:1].copy_(reduced[:1])
+                sumsq[:, :1].copy_(sums[:, :1])
             else:
-                sumsq.copy_(reduced[0].expand_as(sumsq))
+                sumsq.copy_(sums[:, :1].expand_as(sumsq))
 
         return reduce_sumsq
 
@@ -317,7 +325,7 @@ class DistPlan:
                 return  # cannot tell yet (a skipped step, or all-zero grads): check next step
             if not same:
                 raise RuntimeError(
-                    f"SNGM: the ranks hold different gradients (local squared norms from {lo:.6g} "
+                    f"SNGM: the ranks hold different gradients (local norms from {lo:.6g} "
                     f"to {hi:.6g} across {world} ranks): " + self._differ_advice()
                     + "; nothing was written")
         else:  # "partition"
@@ -326,7 +334,7 @@ class DistPlan:
             if nonfinite == 0 and same and world > 1:
                 raise RuntimeError(
                     f"SNGM: process_group was given, but all {world} of its ranks hold the same "
-                    f"gradient (local squared norm {hi:.6g} on each), as under DDP: summing the "
+                    f"gradient (local norm {hi:.6g} on each), as under DDP: summing the "
                     f"copies would shrink every step by sqrt({world}). Leave process_group unset "
                     "under DDP, FSDP1 NO_SHARD and DeepSpeed ZeRO stage 0; pass it only when each "
                     "rank holds its own part of the gradient; nothing was written")
@@ -346,13 +354,16 @@ class DistPlan:
 
 
 def _check_column(local: Tensor, full: Optional[Tensor], check_params) -> Tensor:
-    """The checked sum, twice (for max and min) and its non-finiteness: [s, s, !finite(s)]."""
+    """The checked norm, twice (for max and min) and its non-finiteness: [n, n, !finite(n)].
+    A norm beyond the fp64 range itself (elements near 1.8e308) is compared as the largest
+    double: equal on every rank that has one."""
     if check_params is None or full is None:
-        s = local[0]
+        sums = local[:, 0]
     else:
-        s = full[1:].index_select(0, check_params).sum()
-    bad = ~torch.isfinite(s)
-    s = torch.where(bad, torch.zeros_like(s), s)
+        sums = full[:, 1:].index_select(1, check_params).sum(1)
+    s, q = scaled_norm.norm(sums)
+    bad = ~torch.isfinite(q)
+    s = torch.where(bad, torch.zeros_like(s), s.clamp(max=torch.finfo(s.dtype).max))
     return torch.stack([s, s, bad.to(s.dtype)])
 
 

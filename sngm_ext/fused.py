@@ -13,6 +13,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import scaled_norm
 from ._group import TensorGroup
 from ._ops import traced_hyper
 from .layout import ACC_DTYPE, PlanCache, StepPlan
@@ -47,7 +48,8 @@ def fused_step(
 
     ``device``: where the step runs (the params' device; a rank without grads still runs there).
     ``lrs[gi]``: group gi's (lr_tensor, lr) operands (_group.lr_operands).
-    ``reduce_sumsq`` (an in-place all-reduce, say) sees the sums of squares between the phases.
+    ``reduce_sumsq`` (an in-place all-reduce, say) sees the sums of squares between the phases
+    (float64 [3, m]: rows med, big, small of scaled_norm.py, each additive).
     ``grad_scale`` / ``found_inf``: GradScaler's tensors (the grads are still scaled; a found inf
     skips the step on the device). ``backward_sums`` (backward_sums.py) may hold this step's
     partials already, summed by the grad hooks during backward.
@@ -93,9 +95,12 @@ def fused_step(
     prepared.write_back()
     if backward_sums is not None:
         backward_sums.stepped(plan, lists, groups)
-    total = plan.total
-    skipped_steps.add_(~torch.isfinite(total))  # (each tiny op costs a few us of dispatch)
-    norm = total.sqrt()
+    if reduce_sumsq is not None or any(lst.params[0].dtype == torch.float64 for lst in lists):
+        norm, q = scaled_norm.norm(sumsq[:, 0])  # the big and small rows may be in use
+    else:
+        q = plan.total  # they are 0: med is the square (each tiny op costs a few us of dispatch)
+        norm = q.sqrt()
+    skipped_steps.add_(~torch.isfinite(q))
     if grad_scale is not None and kernel_scale is None:
         norm = norm / grad_scale.to(ACC_DTYPE)  # the norm of the unscaled gradient
     return norm

@@ -33,8 +33,10 @@ from .device_cache import Built, DeviceCache
 CHUNK = 4096
 
 # The accumulation dtype of every sum of squares: every fp32 square fits a double, so no finite
-# fp32/bf16/fp16 gradient overflows the norm or underflows it to zero.
+# fp32/bf16/fp16 gradient overflows the norm or underflows it to zero; fp64 gradients add two
+# scaled rows beside it (scaled_norm.py), so partials and sums are [3, n].
 ACC_DTYPE = torch.float64
+ROWS = 3  # scaled_norm.ROWS: med, big, small
 
 
 def chunk_rows(numels: Sequence[int], first_segment: int, per_tensor: bool):
@@ -66,11 +68,12 @@ class StepPlan:
     chunks: List[Tensor]  # per list: int64 [4, n] on the device
     rows: List[List[int]]  # per list: chunk rows of each tensor (norm_in_backward slices by it)
     partial_offsets: List[int]  # per list: its first partial in `partials`
-    partials: Tensor  # float64, one partial sum of squares per chunk (at least one entry)
-    seg_ptr: Tensor  # int64 [n_segments + 1]: segment s owns partials[seg_ptr[s]:seg_ptr[s+1]]
+    partials: Tensor  # float64 [3, n]: a chunk's med, big and small sums (at least one column)
+    seg_ptr: Tensor  # int64 [n_segments + 1]: segment s owns partials[:, seg_ptr[s]:seg_ptr[s+1]]
     n_sumsq: int  # 1 (norm="global": the total) or 1 + n_segments (norm="tensor")
-    sumsq: Tensor  # float64 [n_sumsq]: finalize's output, rewritten by every step
-    total: Tensor  # sumsq[0], the view made once (each tiny op costs a few us per step)
+    sumsq: Tensor  # float64 [3, n_sumsq]: finalize's output, rewritten by every step
+    total: Tensor  # sumsq[0, 0], the view made once (each tiny op costs a few us per step): the
+    #                total's square without fp64 lists (their other rows are then 0)
 
 
 class PlanCache:
@@ -135,14 +138,14 @@ def make_plan(numels: Sequence[Sequence[int]], per_tensor: bool, device: torch.d
     seg_ptr = [0]
     for s in seg_sizes:
         seg_ptr.append(seg_ptr[-1] + s)
-    sumsq = torch.empty(n_sumsq, dtype=ACC_DTYPE, device=device)
+    sumsq = torch.empty(ROWS, n_sumsq, dtype=ACC_DTYPE, device=device)
     return StepPlan(
         chunks=chunks,
         rows=rows,
         partial_offsets=offsets,
-        partials=torch.zeros(max(n_partials, 1), dtype=ACC_DTYPE, device=device),
+        partials=torch.zeros(ROWS, max(n_partials, 1), dtype=ACC_DTYPE, device=device),
         seg_ptr=_upload(torch.tensor(seg_ptr, dtype=torch.int64), device, sources),
         n_sumsq=n_sumsq,
         sumsq=sumsq,
-        total=sumsq[0],
+        total=sumsq[0, 0],
     )

@@ -74,7 +74,7 @@ class Prepared:
 
     def segment_params(self, groups: Sequence[TensorGroup]) -> List[int]:
         """For ``norm="tensor"``: the index, among all params in group order, of the param behind
-        each per-tensor sum (``sumsq[1 + k]``): the lists' order, which every backend follows."""
+        each per-tensor sum (``sumsq[:, 1 + k]``): the lists' order, which every backend follows."""
         offsets, n = [], 0
         for grp in groups:
             offsets.append(n)

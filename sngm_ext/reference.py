@@ -5,11 +5,12 @@ over the lists a step's preparation made (prepare.py). With ``norm="tensor"`` ea
 own ``n_i = ||d_i||``. When the global sum of squares is not finite, or GradScaler's ``found_inf``
 is set, nothing is written.
 
-``d`` is computed in fp32 (fp64 for fp64 params). Squares are summed in fp64, and ``d / n`` is
-``d * (1 / n)`` taken in fp64 and rounded once to the compute dtype: no finite fp32, bf16 or fp16
-gradient overflows or underflows the norm, whatever its scale. Momentum and param maths run in the
-compute dtype and are rounded once to the param's dtype. No host sync: the finite check is a
-device-side ``torch.where``.
+``d`` is computed in fp32 (fp64 for fp64 params). Squares are summed in fp64 as scaled_norm.py's
+three additive rows, and ``d / n`` is ``d * (1 / n)`` taken in fp64 (with combine's power-of-two
+scales where an fp64 gradient lies beyond ~1e+-150) and rounded once to the compute dtype: no
+finite gradient of any dtype overflows or underflows the norm, whatever its scale. Momentum and
+param maths run in the compute dtype and are rounded once to the param's dtype. No host sync: the
+finite check is a device-side ``torch.where``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import scaled_norm
 from ._group import TensorGroup, compute_dtype
 from .prepare import Prepared
+from .scaled_norm import ROWS
 
 
 def _direction(grad: Tensor, param: Tensor, weight_decay: float, maximize: bool,
@@ -54,9 +57,10 @@ def sngm_reference(
     """Apply one SNGM step in place over ``prepared`` (prepare.py: checked, momentum buffers
     made); returns the global gradient norm (fp64 0-dim, on device).
 
-    ``reduce_sumsq`` sees the fp64 sums of squares, [total] or [total, one per tensor in the
-    lists' order], before they are used (the fused backends hand the same vector to the same
-    hook). ``skipped_steps`` (int64 0-dim) grows by one when the step is skipped.
+    ``reduce_sumsq`` sees the fp64 sums of squares, ``[3, 1]`` (the total) or ``[3, 1 + k]``
+    (and one column per tensor in the lists' order), rows scaled_norm.py's med, big and small,
+    before they are used (the fused backends hand the same tensor to the same hook).
+    ``skipped_steps`` (int64 0-dim) grows by one when the step is skipped.
     """
     work: List[Tuple[TensorGroup, Tensor, Tensor, Optional[Tensor]]] = []  # (group, p, d, u)
     for lst in prepared.lists:
@@ -64,18 +68,22 @@ def sngm_reference(
         bufs = lst.bufs or [None] * len(lst.params)
         for p, g, u in zip(lst.params, lst.grads, bufs):
             work.append((grp, p, _direction(g, p, grp.weight_decay, grp.maximize, grad_scale), u))
-    sq = [d.double().square().sum() for _, _, d, _ in work]
-    total = torch.stack(sq).sum() if sq else torch.zeros((), dtype=torch.float64, device=device)
+    sq = [scaled_norm.squares(d) for _, _, d, _ in work]  # each [3]: med, big, small
+    total = torch.stack(sq).sum(0) if sq else torch.zeros(ROWS, dtype=torch.float64,
+                                                          device=device)
     if found_inf is not None:
-        total = torch.where(found_inf.to(device) != 0, float("inf"), total)
-    sumsq = torch.stack([total] + (sq if norm == "tensor" else []))
+        total = torch.cat([torch.where(found_inf.to(device) != 0, float("inf"), total[:1]),
+                           total[1:]])
+    sumsq = torch.stack([total] + (sq if norm == "tensor" else []), dim=1)
     if reduce_sumsq is not None:
         reduce_sumsq(sumsq)
-    finite = torch.isfinite(sumsq[0])
+    q, pre, post = scaled_norm.combine(sumsq)
+    finite = torch.isfinite(q[0])
 
     for k, (grp, p, d, buf) in enumerate(work, start=1):
-        inv = _safe_inverse(sumsq[k if norm == "tensor" else 0].sqrt())
-        nd = (d.double() * inv).to(d.dtype)
+        col = k if norm == "tensor" else 0
+        inv = _safe_inverse(q[col].sqrt())
+        nd = (((d.double() * pre[col]) * inv) * post[col]).to(d.dtype)
         if grp.momentum != 0:
             u = grp.momentum * buf.to(d.dtype) + nd
             step = nd + grp.momentum * u if grp.nesterov else u
@@ -87,4 +95,4 @@ def sngm_reference(
     prepared.write_back()
     if skipped_steps is not None:
         skipped_steps.add_((~finite).to(skipped_steps.dtype))
-    return sumsq[0].sqrt()
+    return scaled_norm.norm(sumsq[:, 0])[0]

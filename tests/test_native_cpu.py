@@ -54,7 +54,7 @@ def test_ops_refuse_bad_arguments_before_writing(ops):
     ws = [torch.randn(n, generator=g) for n in (100, 5000)]
     gs = [torch.randn(n, generator=g) for n in (100, 5000)]
     plan = make_plan([[100, 5000]], False, torch.device("cpu"))
-    sumsq = torch.ones(1, dtype=torch.float64)
+    sumsq = torch.ones(3, 1, dtype=torch.float64)
     before = [w.clone() for w in ws]
     ints = [torch.zeros(100, dtype=torch.int32)]
     cases = [
@@ -73,6 +73,11 @@ def test_ops_refuse_bad_arguments_before_writing(ops):
          lambda: ops.update([ws[0].view(10, 10)], [gs[0].view(10, 10).t()], [],
                             plan.chunks[0][:, :1].contiguous(), sumsq, None, None, 0.1, 0.0, 0.0, False,
                             False)),
+        ("sumsq must have shape \\[3, n >= 1\\]",
+         lambda: ops.update(ws, gs, [], plan.chunks[0], sumsq[0], None, None, 0.1, 0.0, 0.0, False,
+                            False)),
+        ("partials must have shape \\[3, n >= 1\\]",
+         lambda: ops.sumsq(ws, gs, plan.chunks[0], None, 0.0, False, plan.partials[0], 0)),
         ("grad_scale must be a one-element float32",
          lambda: ops.update(ws, gs, [], plan.chunks[0], sumsq, torch.tensor(2.0).double(), None, 0.1,
                             0.0, 0.0, False, False)),

@@ -22,6 +22,13 @@ def _lists(dtype=torch.float32, sizes=(100, 40, 5000), seed=0):
     return [rnd(n) for n in sizes], [rnd(n) for n in sizes], [rnd(n) for n in sizes]
 
 
+def _sums(*med: float) -> torch.Tensor:
+    """A [3, m] sums-of-squares tensor with these totals in range (big and small rows 0)."""
+    out = torch.zeros(3, len(med), dtype=torch.float64)
+    out[0] = torch.tensor(med, dtype=torch.float64)
+    return out
+
+
 def test_schemas_are_defined_once_for_every_namespace():
     for ns in NAMESPACES:
         for name, schema in SCHEMAS.items():
@@ -35,7 +42,7 @@ def test_fused_ops_pass_opcheck(fused_backend, per_tensor):
     ops = _ops(fused_backend)
     ws, gs, us = _lists()
     plan = make_plan([[w.numel() for w in ws]], per_tensor, torch.device("cpu"))
-    sumsq = torch.zeros(plan.n_sumsq, dtype=torch.float64)
+    sumsq = torch.zeros(3, plan.n_sumsq, dtype=torch.float64)
     scale = torch.tensor(4.0)
     checks = [
         (ops.sumsq, (ws, gs, plan.chunks[0], scale, 0.1, True, plan.partials, 0)),
@@ -61,11 +68,12 @@ def test_rows_follow_tensors_and_segments(fused_backend):
     assert t == [0, 0, 1, 2, 2] and starts == [0, CHUNK, 0, 0, CHUNK]
     assert lens == [CHUNK, 5000 - CHUNK, 3, CHUNK, 1] and segs == [1, 1, 2, 3, 3]
     ops.sumsq(ps, ps, plan.chunks[0], None, 0.0, False, plan.partials, 0)
-    sumsq = torch.empty(plan.n_sumsq, dtype=torch.float64)
+    sumsq = torch.empty(3, plan.n_sumsq, dtype=torch.float64)
     ops.finalize(plan.partials, plan.seg_ptr, None, sumsq)
+    assert not sumsq[1:].any()  # fp32: the big and small rows stay 0
     expect = [p.double().square().sum() for p in ps]
     expect, terms = [sum(expect)] + expect, [sum(p.numel() for p in ps)] + [p.numel() for p in ps]
-    for got, want, n in zip(sumsq.tolist(), expect, terms):
+    for got, want, n in zip(sumsq[0].tolist(), expect, terms):
         assert abs(got - want) <= two_sums_rtol(n) * want, (got, want.item(), n)
 
 
@@ -96,17 +104,18 @@ def test_rows_of_any_start_and_length(fused_backend, dtype):
     ws[1], gs[1], us[1] = ws[1][1:], gs[1][1:], us[1][1:]  # based one element in: unaligned
     rows = [(0, 5, 37, 0), (0, 42, 1, 0), (1, 43, 200, 1), (2, 0, 64, 1), (0, 250, 0, 1)]
     chunks = torch.tensor(rows, dtype=torch.int64).t().contiguous()
-    partials = torch.full((len(rows),), math.nan, dtype=torch.float64)
+    partials = torch.full((3, len(rows)), math.nan, dtype=torch.float64)
     ops.sumsq(ws, gs, chunks, None, 0.25, True, partials, 0)
+    assert not partials[1:].any()  # every value in range: the big and small rows are 0
     ct = torch.float64 if dtype == torch.float64 else torch.float32
     d = [-g.to(ct) + 0.25 * w.to(ct) for w, g in zip(ws, gs)]
     expect = torch.stack([d[t][s:s + n].double().square().sum() for t, s, n, _ in rows])
-    for got, want, (_, _, n, _) in zip(partials.tolist(), expect.tolist(), rows):
+    for got, want, (_, _, n, _) in zip(partials[0].tolist(), expect.tolist(), rows):
         assert abs(got - want) <= two_sums_rtol(n) * want, (got, want, n)
-    sumsq = torch.tensor([4.0, 9.0], dtype=torch.float64)  # norms 2 and 3
+    sumsq = _sums(4.0, 9.0)  # norms 2 and 3
     w0, u0 = [w.clone() for w in ws], [u.clone() for u in us]
     ops.update(ws, gs, us, chunks, sumsq, None, None, 0.1, 0.9, 0.25, True, True)
-    ew, eu = _expected_update(w0, gs, u0, rows, sumsq.tolist(), 0.1, 0.9, 0.25, True, -1.0)
+    ew, eu = _expected_update(w0, gs, u0, rows, sumsq[0].tolist(), 0.1, 0.9, 0.25, True, -1.0)
     for a, b in zip(ws + us, ew + eu):
         assert torch.equal(a, b)  # same operations in the same order: the same bits
 
@@ -117,7 +126,7 @@ def test_grad_scale_and_found_inf(fused_backend):
     ws, gs, us = _lists(torch.float32, sizes=(5000, 33))
     plan = make_plan([[5000, 33]], False, torch.device("cpu"))
     scaled = [g * 1024 for g in gs]
-    sumsq, ref = torch.empty(1, dtype=torch.float64), torch.empty(1, dtype=torch.float64)
+    sumsq, ref = torch.empty(3, 1, dtype=torch.float64), torch.empty(3, 1, dtype=torch.float64)
     ops.sumsq(ws, scaled, plan.chunks[0], torch.tensor(1024.0), 0.1, False, plan.partials, 0)
     ops.finalize(plan.partials, plan.seg_ptr, torch.tensor(0.0), sumsq)
     ops.sumsq(ws, gs, plan.chunks[0], None, 0.1, False, plan.partials, 0)
@@ -130,20 +139,22 @@ def test_grad_scale_and_found_inf(fused_backend):
     for a, b in zip(ws + us, w1 + u1):
         assert torch.equal(a, b)
     ops.finalize(plan.partials, plan.seg_ptr, torch.tensor(1.0), sumsq)
-    assert sumsq.item() == math.inf
+    assert sumsq[0, 0].item() == math.inf
     before = [x.clone() for x in ws + us]
     ops.update(ws, gs, us, plan.chunks[0], sumsq, None, None, 0.1, 0.9, 0.1, False, False)
     assert all(torch.equal(a, b) for a, b in zip(ws + us, before))
 
 
+@pytest.mark.parametrize("row", [0, 1], ids=["med", "big"])
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
-def test_update_writes_nothing_on_a_non_finite_total(fused_backend, bad):
+def test_update_writes_nothing_on_a_non_finite_total(fused_backend, bad, row):
     ops = _ops(fused_backend)
     ws, gs, us = _lists(torch.bfloat16)
     plan = make_plan([[w.numel() for w in ws]], False, torch.device("cpu"))
     before = [x.clone() for x in ws + us]
-    ops.update(ws, gs, us, plan.chunks[0], torch.tensor([bad], dtype=torch.float64), None, None, 0.1,
-               0.9, 0.0, False, False)
+    sumsq = _sums(4.0)
+    sumsq[row, 0] = bad
+    ops.update(ws, gs, us, plan.chunks[0], sumsq, None, None, 0.1, 0.9, 0.0, False, False)
     assert all(torch.equal(a, b) for a, b in zip(ws + us, before))
 
 
@@ -158,15 +169,15 @@ def test_a_chunks_partial_does_not_depend_on_its_neighbours(fused_backend, dtype
     plan = make_plan([[w.numel() for w in ws]], False, torch.device("cpu"))
     table = plan.chunks[0]
     n = table.shape[1]
-    together = torch.empty(n, dtype=torch.float64)
+    together = torch.empty(3, n, dtype=torch.float64)
     ops.sumsq(ws, gs, table, None, wd, False, together, 0)
-    alone = torch.empty(n, dtype=torch.float64)
+    alone = torch.empty(3, n, dtype=torch.float64)
     for c in range(n):
         ops.sumsq(ws, gs, table[:, c:c + 1].contiguous(), None, wd, False, alone, c)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    shuffled = torch.empty(n, dtype=torch.float64)
+    shuffled = torch.empty(3, n, dtype=torch.float64)
     ops.sumsq(ws, gs, table[:, order].contiguous(), None, wd, False, shuffled, 0)
-    assert torch.equal(together, alone) and torch.equal(together[order], shuffled)
+    assert torch.equal(together, alone) and torch.equal(together[:, order], shuffled)
 
 
 def test_launches_per_step_do_not_grow_with_tensors(fused_backend, monkeypatch):
@@ -219,7 +230,7 @@ def test_lr_tensor_is_the_float_lr(fused_backend, dtype, lr_dtype):
     ops = _ops(fused_backend)
     ws, gs, us = _lists(dtype, sizes=(5000, 33))
     plan = make_plan([[5000, 33]], False, torch.device("cpu"))
-    sumsq = torch.tensor([7.0], dtype=torch.float64)
+    sumsq = _sums(7.0)
     lr = torch.tensor(0.1, dtype=lr_dtype)
     w1, u1 = [w.clone() for w in ws], [u.clone() for u in us]
     ops.update(ws, gs, us, plan.chunks[0], sumsq, None, lr, 0.0, 0.9, 0.01, True, False)

@@ -106,7 +106,7 @@ void sumsq(at::TensorList params, at::TensorList grads, const at::Tensor& chunks
     K::sumsq_kernel<scalar_t>(pointers<const scalar_t>(params),
                               pointers<const scalar_t>(grads), ch, n, grain,
                               hyper<scalar_t>(0.0, 0.0, weight_decay, maximize, gscale),
-                              partials.data_ptr<double>() + partial_offset);
+                              partials.data_ptr<double>() + partial_offset, partials.size(1));
   });
 }
 
@@ -115,30 +115,33 @@ void finalize(const at::Tensor& partials, const at::Tensor& seg_ptr,
   const c10::Device cpu = call_device("finalize", "sumsq", sumsq, c10::DeviceType::CPU);
   check_finalize(partials, seg_ptr, found_inf, sumsq, cpu);
   const int64_t n_seg = seg_ptr.numel() - 1;
-  const bool per_segment = sumsq.numel() > 1;
+  const int64_t n_partials = partials.size(1), n_sumsq = sumsq.size(1);
+  const bool per_segment = n_sumsq > 1;
   const int64_t* sp = seg_ptr.const_data_ptr<int64_t>();
   for (int64_t s = 0; s < n_seg; ++s) {
-    TORCH_CHECK(sp[s] >= 0 && sp[s] <= sp[s + 1] && sp[s + 1] <= partials.numel(),
-                "sngm_native::finalize: seg_ptr must be non-decreasing within [0, ",
-                partials.numel(), "]");
+    TORCH_CHECK(sp[s] >= 0 && sp[s] <= sp[s + 1] && sp[s + 1] <= n_partials,
+                "sngm_native::finalize: seg_ptr must be non-decreasing within [0, ", n_partials,
+                "]");
   }
-  const double* p = partials.const_data_ptr<double>();
-  double* out = sumsq.data_ptr<double>();
-  double total = 0.0;
-  for (int64_t s = 0; s < n_seg; ++s) {
-    double v = 0.0;  // always in index order: the same bits on every run
-    for (int64_t i = sp[s]; i < sp[s + 1]; ++i) {
-      v += p[i];
+  for (int64_t r = 0; r < 3; ++r) {  // med, big, small: each a plain sum
+    const double* p = partials.const_data_ptr<double>() + r * n_partials;
+    double* out = sumsq.data_ptr<double>() + r * n_sumsq;
+    double total = 0.0;
+    for (int64_t s = 0; s < n_seg; ++s) {
+      double v = 0.0;  // always in index order: the same bits on every run
+      for (int64_t i = sp[s]; i < sp[s + 1]; ++i) {
+        v += p[i];
+      }
+      if (per_segment) {
+        out[1 + s] = v;
+      }
+      total += v;
     }
-    if (per_segment) {
-      out[1 + s] = v;
+    if (r == 0 && found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.0f) {
+      total = std::numeric_limits<double>::infinity();  // GradScaler found an inf: skip the step
     }
-    total += v;
+    out[0] = total;
   }
-  if (found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.0f) {
-    total = std::numeric_limits<double>::infinity();  // GradScaler found an inf: skip the step
-  }
-  out[0] = total;
 }
 
 void update(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -160,17 +163,18 @@ void update(at::TensorList params, at::TensorList grads, at::TensorList momentum
     return;
   }
   const int64_t* ch = chunks.const_data_ptr<int64_t>();
-  const int64_t grain = grain_chunks(n, check_rows("update", ch, n, params, sumsq.numel()));
+  const int64_t n_sumsq = sumsq.size(1);
+  const int64_t grain = grain_chunks(n, check_rows("update", ch, n, params, n_sumsq));
   const double* s = sumsq.const_data_ptr<double>();
-  if (!sngm::is_finite(s[0])) {
-    return;  // a skipped step: nothing is written
+  if (!sngm::is_finite(s[0]) || !sngm::is_finite(s[n_sumsq])) {
+    return;  // a skipped step (med or big not finite; small cannot be): nothing is written
   }
   const float gscale = inverse_scale(grad_scale);
   K::dtype_dispatch(params[0].scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     K::update_kernel<scalar_t>(pointers<scalar_t>(params),
                                pointers<const scalar_t>(grads),
-                               pointers<scalar_t>(momentum_buffers), ch, n, grain, s,
+                               pointers<scalar_t>(momentum_buffers), ch, n, grain, s, n_sumsq,
                                hyper<scalar_t>(lr, momentum, weight_decay, maximize, gscale),
                                nesterov);
   });

@@ -108,12 +108,37 @@ inline void add_squares(DVec& acc0, DVec& acc1, const DVec& d) {
   (void)acc1;
 }
 
+// fp64 lanes into the three accumulators (../sngm_math.h range_of): med, big, small. NaN compares
+// false both ways and stays in med.
+inline void add_scaled_squares(std::array<DVec, 3>& acc, const DVec& d) {
+  const DVec x = d.abs();
+  const DVec is_big = x > DVec(sngm::kBig);
+  const DVec is_small = x < DVec(sngm::kSmall);
+  const DVec zero(0.0);
+  const DVec mid = DVec::blendv(x, zero, is_big | is_small);
+  const DVec big = DVec::blendv(zero, x * DVec(sngm::kBigScale), is_big);
+  const DVec small = DVec::blendv(zero, x * DVec(sngm::kSmallScale), is_small);
+  acc[0] = at::vec::fmadd(mid, mid, acc[0]);
+  acc[1] = at::vec::fmadd(big, big, acc[1]);
+  acc[2] = at::vec::fmadd(small, small, acc[2]);
+}
+
 // nd = C(double(d) * inv), lane by lane.
 inline Vectorized<float> normalize(const Vectorized<float>& d, const DVec& inv) {
   const auto [lo, hi] = widen(d);
   return narrow(lo * inv, hi * inv);
 }
 inline DVec normalize(const DVec& d, const DVec& inv) { return d * inv; }
+
+// nd = C(((double(d) * pre) * inv) * post): an fp64 gradient out of range (combine's scales).
+inline Vectorized<float> normalize(const Vectorized<float>& d, const DVec& inv, const DVec& pre,
+                                   const DVec& post) {
+  const auto [lo, hi] = widen(d);
+  return narrow(((lo * pre) * inv) * post, ((hi * pre) * inv) * post);
+}
+inline DVec normalize(const DVec& d, const DVec& inv, const DVec& pre, const DVec& post) {
+  return ((d * pre) * inv) * post;
+}
 
 // Loads 2 * W compute-type lanes at p (one reduced-precision vector, or two full ones).
 template <typename scalar_t>
@@ -139,21 +164,25 @@ inline void store2(scalar_t* p, const Vectorized<compute_t<scalar_t>>& a,
   }
 }
 
-// Phase 1 on K chunks of the same length, in lock step: out[k] = sum over chunk k of double(d)^2,
-// d = sign * g * gscale + wd * w in the compute type. One chunk's loop is a single sequential read
-// stream, which a core cannot keep busy enough to fill its memory bandwidth (the hardware
-// prefetcher stops at 4 KiB page edges); K streams keep K times the cache-line fills in flight.
-// Each chunk has its own accumulators and the same order of additions for every K, so a partial
-// sum is the same bits whichever K computed it (a grad hook sums one tensor, the step many).
+// Phase 1 on K chunks of the same length, in lock step: for chunk k, out[k] = the sum over it of
+// double(d)^2 (fp32/bf16/fp16), or its three scaled sums out[k], out[stride + k],
+// out[2 * stride + k] (fp64: med, big, small; ../sngm_math.h), d = sign * g * gscale + wd * w in
+// the compute type. One chunk's loop is a single sequential read stream, which a core cannot keep
+// busy enough to fill its memory bandwidth (the hardware prefetcher stops at 4 KiB page edges); K
+// streams keep K times the cache-line fills in flight. Each chunk has its own accumulators and
+// the same order of additions for every K, so a partial sum is the same bits whichever K
+// computed it (a grad hook sums one tensor, the step many).
 template <typename scalar_t, bool HAS_WD, bool HAS_SCALE, int K>
 void chunks_sumsq(const scalar_t* const* w, const scalar_t* const* g, int64_t len,
-                  const sngm::Hyper<compute_t<scalar_t>>& h, double* out) {
+                  const sngm::Hyper<compute_t<scalar_t>>& h, double* out, int64_t stride) {
   using C = compute_t<scalar_t>;
   using Vec = Vectorized<C>;
+  constexpr bool F64 = std::is_same_v<scalar_t, double>;
   constexpr int64_t W = Vec::size();
   const Vec vsign(h.sign), vwd(h.wd), vscale(h.gscale);
-  // Without weight decay d^2 = (g * gscale)^2: the sign drops out exactly, and so does a scale
-  // of 1, so the vector loop skips those multiplies (the same values, fewer instructions).
+  // Without weight decay d^2 = (g * gscale)^2 and |d| = |g * gscale|: the sign drops out
+  // exactly, and so does a scale of 1, so the vector loop skips those multiplies (the same
+  // values, fewer instructions).
   auto direction = [&](const Vec& gv, const Vec& wv) {
     const Vec gs = HAS_SCALE ? gv * vscale : gv;
     if constexpr (HAS_WD) {
@@ -163,8 +192,12 @@ void chunks_sumsq(const scalar_t* const* w, const scalar_t* const* g, int64_t le
     }
   };
   std::array<DVec, K> acc0, acc1;
+  std::array<std::array<DVec, 3>, K> acc3;  // fp64 only
   acc0.fill(DVec(0.0));
   acc1.fill(DVec(0.0));
+  for (auto& a : acc3) {
+    a.fill(DVec(0.0));
+  }
   int64_t i = 0;
   for (; i + 2 * W <= len; i += 2 * W) {
     for (int k = 0; k < K; ++k) {
@@ -173,29 +206,61 @@ void chunks_sumsq(const scalar_t* const* w, const scalar_t* const* g, int64_t le
       if constexpr (HAS_WD) {
         std::tie(w0, w1) = load2(w[k] + i);
       }
-      add_squares(acc0[k], acc1[k], direction(g0, w0));
-      add_squares(acc0[k], acc1[k], direction(g1, w1));
+      if constexpr (F64) {
+        add_scaled_squares(acc3[k], direction(g0, w0));
+        add_scaled_squares(acc3[k], direction(g1, w1));
+      } else {
+        add_squares(acc0[k], acc1[k], direction(g0, w0));
+        add_squares(acc0[k], acc1[k], direction(g1, w1));
+      }
     }
   }
   for (int k = 0; k < K; ++k) {
-    double s = horizontal_sum(acc0[k] + acc1[k]);
-    for (int64_t j = i; j < len; ++j) {  // the tail of a tensor whose size is not a multiple
-      s += sngm::square<HAS_WD>(static_cast<C>(g[k][j]), HAS_WD ? static_cast<C>(w[k][j]) : C(0),
-                                h.sign, h.wd, h.gscale);
+    const C wz(0);
+    if constexpr (F64) {
+      double s[3];
+      for (int r = 0; r < 3; ++r) {
+        s[r] = horizontal_sum(acc3[k][r]);
+      }
+      for (int64_t j = i; j < len; ++j) {  // the tail of a tensor whose size is not a multiple
+        sngm::add_scaled_square<HAS_WD>(s, g[k][j], HAS_WD ? w[k][j] : wz, h.sign, h.wd,
+                                        h.gscale);
+      }
+      for (int r = 0; r < 3; ++r) {
+        out[r * stride + k] = s[r];
+      }
+    } else {
+      double s = horizontal_sum(acc0[k] + acc1[k]);
+      for (int64_t j = i; j < len; ++j) {
+        s += sngm::square<HAS_WD>(static_cast<C>(g[k][j]), HAS_WD ? static_cast<C>(w[k][j]) : wz,
+                                  h.sign, h.wd, h.gscale);
+      }
+      out[k] = s;
+      out[stride + k] = 0.0;  // no fp32/bf16/fp16 value leaves the med range
+      out[2 * stride + k] = 0.0;
     }
-    out[k] = s;
   }
 }
 
 // Phase 2 on one chunk: w, g, u point at the chunk's first element.
-template <typename scalar_t, bool HAS_MOM, bool NESTEROV, bool HAS_WD>
+// SCALED: combine's scales are not both 1 (an fp64 gradient out of range); else they are left out,
+// which gives the same bits.
+template <typename scalar_t, bool HAS_MOM, bool NESTEROV, bool HAS_WD, bool SCALED>
 void chunk_update(scalar_t* w, const scalar_t* g, scalar_t* u, int64_t len,
-                  const sngm::Hyper<compute_t<scalar_t>>& h, double inv) {
+                  const sngm::Hyper<compute_t<scalar_t>>& h, double inv, double pre,
+                  double post) {
   using C = compute_t<scalar_t>;
   using Vec = Vectorized<C>;
   constexpr int64_t W = Vec::size();
   const sngm::Hyper<Vec> hv{Vec(h.lr), Vec(h.beta), Vec(h.wd), Vec(h.sign), Vec(h.gscale)};
-  const DVec vinv(inv);
+  const DVec vinv(inv), vpre(pre), vpost(post);
+  auto normalized = [&](const Vec& d) {
+    if constexpr (SCALED) {
+      return normalize(d, vinv, vpre, vpost);
+    } else {
+      return normalize(d, vinv);
+    }
+  };
   int64_t i = 0;
   for (; i + 2 * W <= len; i += 2 * W) {
     auto [w0, w1] = load2(w + i);
@@ -205,9 +270,9 @@ void chunk_update(scalar_t* w, const scalar_t* g, scalar_t* u, int64_t len,
       std::tie(u0, u1) = load2(u + i);
     }
     sngm::apply<HAS_MOM, NESTEROV>(
-        w0, u0, normalize(sngm::direction<HAS_WD>(g0 * hv.gscale, w0, hv.sign, hv.wd), vinv), hv);
+        w0, u0, normalized(sngm::direction<HAS_WD>(g0 * hv.gscale, w0, hv.sign, hv.wd)), hv);
     sngm::apply<HAS_MOM, NESTEROV>(
-        w1, u1, normalize(sngm::direction<HAS_WD>(g1 * hv.gscale, w1, hv.sign, hv.wd), vinv), hv);
+        w1, u1, normalized(sngm::direction<HAS_WD>(g1 * hv.gscale, w1, hv.sign, hv.wd)), hv);
     store2(w + i, w0, w1);
     if constexpr (HAS_MOM) {
       store2(u + i, u0, u1);
@@ -216,7 +281,7 @@ void chunk_update(scalar_t* w, const scalar_t* g, scalar_t* u, int64_t len,
   for (; i < len; ++i) {  // the scalar path of the same maths
     C wv = static_cast<C>(w[i]);
     C uv = HAS_MOM ? static_cast<C>(u[i]) : C(0);
-    sngm::update<HAS_MOM, NESTEROV, HAS_WD>(wv, uv, static_cast<C>(g[i]), h, inv);
+    sngm::update<HAS_MOM, NESTEROV, HAS_WD>(wv, uv, static_cast<C>(g[i]), h, inv, pre, post);
     w[i] = static_cast<scalar_t>(wv);
     if constexpr (HAS_MOM) {
       u[i] = static_cast<scalar_t>(uv);
@@ -233,11 +298,11 @@ inline Row row_at(const int64_t* chunks, int64_t n, int64_t c) {
   return {chunks[c], chunks[n + c], chunks[2 * n + c], chunks[3 * n + c]};
 }
 
-// Phase 1 over a chunk table: partials[c] for every row c.
+// Phase 1 over a chunk table: partials[r * stride + c] for every row c and accumulator r.
 template <typename scalar_t>
 void sumsq_kernel(const std::vector<const scalar_t*>& w, const std::vector<const scalar_t*>& g,
                   const int64_t* chunks, int64_t n_chunks, int64_t grain,
-                  const sngm::Hyper<compute_t<scalar_t>>& h, double* partials) {
+                  const sngm::Hyper<compute_t<scalar_t>>& h, double* partials, int64_t stride) {
   bool_dispatch(h.wd != 0, [&](auto has_wd) {
    bool_dispatch(h.gscale != 1, [&](auto has_scale) {
     at::parallel_for(0, n_chunks, grain, [&](int64_t begin, int64_t end) {
@@ -256,9 +321,11 @@ void sumsq_kernel(const std::vector<const scalar_t*>& w, const std::vector<const
           gk[k] = g[r.tensor] + r.start;
         }
         if (k == K) {
-          chunks_sumsq<scalar_t, HAS_WD, HAS_SCALE, K>(wk.data(), gk.data(), len, h, partials + c);
+          chunks_sumsq<scalar_t, HAS_WD, HAS_SCALE, K>(wk.data(), gk.data(), len, h, partials + c,
+                                                       stride);
         } else {
-          chunks_sumsq<scalar_t, HAS_WD, HAS_SCALE, 1>(wk.data(), gk.data(), len, h, partials + c);
+          chunks_sumsq<scalar_t, HAS_WD, HAS_SCALE, 1>(wk.data(), gk.data(), len, h, partials + c,
+                                                       stride);
           k = 1;
         }
         c += k;
@@ -268,20 +335,32 @@ void sumsq_kernel(const std::vector<const scalar_t*>& w, const std::vector<const
   });
 }
 
+// sumsq: [3, n_sumsq] (med, big, small per segment).
 template <typename scalar_t>
 void update_kernel(const std::vector<scalar_t*>& w, const std::vector<const scalar_t*>& g,
                    const std::vector<scalar_t*>& u, const int64_t* chunks, int64_t n_chunks,
-                   int64_t grain, const double* sumsq, const sngm::Hyper<compute_t<scalar_t>>& h,
-                   bool nesterov) {
+                   int64_t grain, const double* sumsq, int64_t n_sumsq,
+                   const sngm::Hyper<compute_t<scalar_t>>& h, bool nesterov) {
   auto run = [&](auto has_mom, auto nesterov_t, auto has_wd) {
+    constexpr bool HAS_MOM = decltype(has_mom)::value;
+    constexpr bool NEST = decltype(nesterov_t)::value;
+    constexpr bool HAS_WD = decltype(has_wd)::value;
     at::parallel_for(0, n_chunks, grain, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         const Row r = row_at(chunks, n_chunks, c);
-        chunk_update<scalar_t, decltype(has_mom)::value, decltype(nesterov_t)::value,
-                     decltype(has_wd)::value>(
-            w[r.tensor] + r.start, g[r.tensor] + r.start,
-            decltype(has_mom)::value ? u[r.tensor] + r.start : nullptr, r.len, h,
-            sngm::inverse_norm(sumsq[r.seg]));
+        const sngm::Scaled sc = sngm::combine(sumsq[r.seg], sumsq[n_sumsq + r.seg],
+                                              sumsq[2 * n_sumsq + r.seg]);
+        const double inv = sngm::inverse_norm(sc.q);
+        scalar_t* wc = w[r.tensor] + r.start;
+        const scalar_t* gc = g[r.tensor] + r.start;
+        scalar_t* uc = HAS_MOM ? u[r.tensor] + r.start : nullptr;
+        if (sc.pre == 1.0 && sc.post == 1.0) {
+          chunk_update<scalar_t, HAS_MOM, NEST, HAS_WD, false>(wc, gc, uc, r.len, h, inv, 1.0,
+                                                               1.0);
+        } else {
+          chunk_update<scalar_t, HAS_MOM, NEST, HAS_WD, true>(wc, gc, uc, r.len, h, inv, sc.pre,
+                                                              sc.post);
+        }
       }
     });
   };
