@@ -158,15 +158,23 @@ SNGM_HD double square(C g, C w, C sign, C wd, C gscale) {
   return d * d;
 }
 
-// One fp64 element into the three accumulators acc[0] med, acc[1] big, acc[2] small.
+// One fp64 element into the three accumulators. Three named references, not an array indexed by
+// range_of: on a GPU such an array lives in local memory.
 template <bool HAS_WD>
-SNGM_HD void add_scaled_square(double acc[3], double g, double w, double sign, double wd,
-                               double gscale) {
+SNGM_HD void add_scaled_square(double& med, double& big, double& small, double g, double w,
+                               double sign, double wd, double gscale) {
   const double d = direction<HAS_WD>(g * gscale, w, sign, wd);
   const double x = d < 0.0 ? -d : d;
   const int r = range_of(x);
   const double y = r == 1 ? x * kBigScale : (r == 2 ? x * kSmallScale : x);
-  acc[r] += y * y;
+  const double yy = y * y;
+  if (r == 1) {
+    big += yy;
+  } else if (r == 2) {
+    small += yy;
+  } else {
+    med += yy;
+  }
 }
 
 }  // namespace sngm

@@ -16,7 +16,7 @@ $PY -m pytest -q tests "$@"
 # each capability this machine has that the main run did not use. The Triton interpreter's
 # arithmetic (numpy) and the opcheck / launch-count tests do not depend on it: left out, to keep
 # the passes short (measured on 2 busy cores: ~12 s each once built, ~60 s each with the build).
-NUMERICS_TESTS="tests/test_ops.py tests/test_parity.py tests/test_reference.py tests/test_scale.py
+NUMERICS_TESTS="tests/test_ops.py tests/test_parity.py tests/test_reference.py tests/test_scale.py tests/test_scaled_norm.py
   tests/test_native_cpu.py tests/test_step_bound.py tests/test_optimizer.py tests/test_user_tensors.py"
 if [ "$#" -gt 0 ]; then
   echo "test.sh: arguments given, so the per-capability passes of the numerics tests are skipped"

@@ -5,16 +5,17 @@ Every fused backend implements the same three ops over lists of the user's own t
 (param group, dtype) per call) and a chunk table (layout.py); ``docs/ops.md`` is the contract:
 
     sumsq(params, grads, chunks, grad_scale?, weight_decay, maximize, partials!, partial_offset)
-        partials[partial_offset + c] = sum over chunk c of double(d)^2,
-        d = sign * g / grad_scale + weight_decay * w
+        partials[:, partial_offset + c] = chunk c's three sums of squares of
+        d = sign * g / grad_scale + weight_decay * w (rows med, big, small: scaled_norm.py)
     finalize(partials, seg_ptr, found_inf?, sumsq!)
-        sumsq[0] = the sum of all partials (+inf when found_inf is nonzero); where sumsq has more
-        entries (norm="tensor"), sumsq[1 + s] = segment s's sum; always in a fixed order
+        sumsq[:, 0] = the sums of all partials (sumsq[0, 0] = +inf when found_inf is nonzero);
+        where sumsq has more columns (norm="tensor"), sumsq[:, 1 + s] = segment s's; always in a
+        fixed order
     update(params!, grads, momentum_buffers!, chunks, sumsq, grad_scale?, lr_tensor?, lr,
            momentum, weight_decay, nesterov, maximize)
-        the normalize-momentum-update of reference.py for every chunk, n = sqrt(sumsq[segment]),
-        the learning rate read from lr_tensor on the device where one is given; nothing at all
-        when sumsq[0] is not finite
+        the normalize-momentum-update of reference.py for every chunk, its norm from its
+        segment's column (scaled_norm.combine), the learning rate read from lr_tensor on the
+        device where one is given; nothing at all when the total is not finite
 
 The same schemas live in two namespaces: ``sngm_triton`` (Triton; Python implementations here,
 for CUDA and, under ``TRITON_INTERPRET=1``, CPU) and ``sngm_native`` (the C++/CUDA extension

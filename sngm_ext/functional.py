@@ -30,8 +30,10 @@ def sngm_groups(
     Params, grads and momentum buffers are read and written in place; everything is checked
     before anything is written. Entries of ``momentum_buffers`` that are None (with momentum != 0)
     are created, and the lists are updated with the buffers to keep. ``reduce_sumsq`` sees the
-    fp64 sums of squares between the two phases ([total], or [total, one per tensor] for
-    ``norm="tensor"``) and may change them in place (an all-reduce, say). ``grad_scale`` /
+    fp64 sums of squares between the two phases, a ``[3, 1]`` tensor (the total) or ``[3, 1 + k]``
+    (and one column per tensor, for ``norm="tensor"``) whose rows are scaled_norm.py's med, big
+    and small sums, and may change them in place: each row is a plain sum, so an all-reduce SUM
+    of the whole tensor is right. ``grad_scale`` /
     ``found_inf``: ``torch.amp.GradScaler``'s tensors (grads still multiplied by ``grad_scale``;
     ``found_inf`` nonzero skips the step). ``skipped_steps`` (int64 0-dim, on the params' device)
     grows by one when the step is skipped.

@@ -266,12 +266,15 @@ class SNGM(Optimizer):
     @property
     def grad_norm(self) -> Optional[Tensor]:
         """The last step's global gradient norm ``n``: an fp64 0-dim tensor on the params'
-        device (0 after a step in which no param had a grad; None before the first step)."""
+        device (0 after a step in which no param had a grad; None before the first step; +inf
+        when the step was skipped, or when the norm itself exceeds the fp64 range, fp64 elements
+        near 1.8e308, while the step was taken)."""
         return self._stepper.grad_norm
 
     @property
     def skipped_steps(self) -> Optional[Tensor]:
-        """Steps skipped for a non-finite norm: an int64 0-dim tensor on the params' device."""
+        """Steps skipped for a non-finite gradient (or GradScaler's found inf): an int64 0-dim
+        tensor on the params' device."""
         return self._stepper.skipped
 
     def _collect(self) -> List[TensorGroup]:

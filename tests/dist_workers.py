@@ -331,7 +331,7 @@ def ddp_find_unused_no_sync(backend):
 # ---------------------------------------------------------------- FSDP2
 
 
-def fsdp_model(hsdp=False):
+def fsdp_model(hsdp=False, dtype=torch.float32):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -339,7 +339,7 @@ def fsdp_model(hsdp=False):
         mesh = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replicate", "shard"))
     else:
         mesh = init_device_mesh("cpu", (WORLD,))
-    model = Net()
+    model = Net().to(dtype)
     fully_shard(model.a, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
@@ -374,7 +374,7 @@ def _fsdp_run(backend, norm, hsdp=False):
         with CountCollectives() as c:
             opt.step()
         n_present = sum(p.grad is not None for p in model.parameters())
-        want = WORLD * (1 if norm == "global" else 1 + n_params)
+        want = WORLD * 3 * (1 if norm == "global" else 1 + n_params)  # 3 rows: med, big, small
         assert c.calls == [(GATHER, want)], (
             f"step {s}: expected ONE all_gather of {want} element(s), got {c.calls} "
             f"({n_present} grads present)"
@@ -522,7 +522,7 @@ def _zero_run(backend, norm, **zero_kwargs):
             zero.step()
         reduces = [call for call in c.calls if call[0] != "broadcast"]  # ZeRO's own: broadcasts
         # the first step also checks that the ranks do not all hold the same gradient
-        want = [(GATHER, WORLD * (4 if s == 0 else 1))]
+        want = [(GATHER, WORLD * (6 if s == 0 else 3))]  # 3 rows of sums (+ 3 check entries)
         assert reduces == want, f"ZeRO + SNGM step {s} made {c.calls}, not {want}"
         got = zero_snapshot(model, zero)
         check_zero(ref[s], got, f"ZeRO norm={norm} step {s}")
@@ -612,7 +612,7 @@ def dtensor_uneven_presence_tensor_norm(backend):
             q.grad = None if (s == 0 and i == 1) else grads[i] * (s + 1)
         with CountCollectives() as c:
             opt.step()
-        assert c.calls == [(GATHER, WORLD * (1 + len(params)))], c.calls
+        assert c.calls == [(GATHER, WORLD * 3 * (1 + len(params)))], c.calls
         if s < 2:
             ref.step()
             for i, (p, q) in enumerate(zip(params, plain)):
@@ -719,6 +719,57 @@ def partition_by_hand(backend):
         opt.step()
     assert not c.calls, f"process_group='local' communicated: {c.calls}"
     close(opt.grad_norm, want, "process_group='local': this rank's own norm", NORM_TOL)
+
+
+def _fp64_grads(named, step, scale):
+    """The same fp64 grads on every rank (seeded by step and name), times scale (a power of 2)."""
+    out = {}
+    for i, (n, p) in enumerate(named):
+        g = torch.Generator().manual_seed(1000 * step + i)
+        out[n] = (torch.randn(p.shape, generator=g, dtype=torch.float64) + 0.5) * scale
+    return out
+
+
+@scenario
+def fp64_any_scale(backend):
+    """fp64 grads times 2^k, k = +-1000 (far beyond where an fp64 square fits a double), give the
+    same bits as k = 0 across ranks: for a partition with process_group (the sums summed over
+    the group) and for FSDP2's DTensors (the sums weighted per placement): the three rows of sums
+    (scaled_norm.py) cross the collective as they are, and every rank sees the same norm."""
+    from torch.distributed.tensor import distribute_tensor
+
+    def partition(k):
+        model = Net().double()
+        ps = [p for i, p in enumerate(model.parameters()) if i % WORLD == RANK]
+        opt = SNGM(ps, backend=backend, process_group=dist.group.WORLD, lr=0.1, momentum=0.9)
+        norms = []
+        for s in range(2):
+            for n, p in model.named_parameters():
+                p.grad = _fp64_grads(model.named_parameters(), s, 2.0 ** k)[n]
+            opt.step()
+            norms.append(opt.grad_norm.item())
+        return [p.detach().clone() for p in ps], norms
+
+    def fsdp2(k):
+        model = fsdp_model(dtype=torch.float64)
+        opt = SNGM(model.parameters(), backend=backend, lr=0.1, momentum=0.9)
+        norms = []
+        for s in range(2):
+            grads = _fp64_grads(model.named_parameters(), s, 2.0 ** k)
+            for n, p in model.named_parameters():
+                p.grad = distribute_tensor(grads[n], p.device_mesh, p.placements)
+            opt.step()
+            norms.append(opt.grad_norm.item())
+        return [p.to_local().clone() for p in model.parameters()], norms
+
+    for run, what in ((partition, "partition"), (fsdp2, "FSDP2")):
+        base, base_norms = run(0)
+        assert_same_on_every_rank([torch.tensor(base_norms)], f"{what}: the norms")
+        for k in (-1000, 1000):
+            got, norms = run(k)
+            for a, b in zip(got, base):
+                assert torch.equal(a, b), f"{what}, grads x 2^{k}: another step than x 1"
+            assert norms == [math.ldexp(n, k) for n in base_norms], (what, k, norms, base_norms)
 
 
 @scenario
@@ -833,7 +884,7 @@ def _tp_run(backend, norm, mesh, tp_mesh, dp_rank=0, dp_size=1):
         nn.functional.mse_loss(model(x), y).backward()
         with CountCollectives() as c:
             opt.step()
-        per = (1 + n_params if norm == "tensor" else 1) + (3 if plain and s == 0 else 0)
+        per = 3 * (1 + n_params if norm == "tensor" else 1) + (3 if plain and s == 0 else 0)
         assert c.calls == [(GATHER, WORLD * per)], f"step {s}: {c.calls}"
         check_against(ref[s], snapshot_any(model, opt), f"TP norm={norm} step {s}")
         check_norm(ref[s], opt, f"TP norm={norm} step {s}")
@@ -900,7 +951,7 @@ def hsdp_2x2(backend):
         loss_fn(model, x, y, s).backward()
         with CountCollectives() as c:
             opt.step()
-        assert c.calls == [(GATHER, WORLD)], f"step {s}: {c.calls}"
+        assert c.calls == [(GATHER, WORLD * 3)], f"step {s}: {c.calls}"
         check_against(ref[s], snapshot_fsdp(model, opt), f"HSDP 2x2 step {s}")
         check_norm(ref[s], opt, f"HSDP 2x2 step {s}")
 

@@ -43,6 +43,7 @@ SCENARIOS = {
     "dtensor_uneven_presence_tensor_norm": (2,),
     "unreducible_params_are_refused": (2,),
     "partition_by_hand": (2,),
+    "fp64_any_scale": (2,),
     "ddp_with_process_group_is_refused": (2,),
     "tp_replicate_bias_plain_norm": (2,),
     "tp_tensor_norm": (2,),
@@ -59,7 +60,7 @@ SCENARIOS = {
 # Triton's interpreter costs about a second per scenario and rank: it runs the scenarios where its
 # kernels meet distributed data (shards, a reduced norm) at 2 ranks; the fused path around them
 # (tensor lists, DTensor state) is the native cpu backend's too, which runs them all.
-TRITON = {"ddp", "fsdp", "fsdp_tensor_norm", "fsdp_nan_on_one_rank_skips_everywhere", "zero",
+TRITON = {"ddp", "fsdp", "fp64_any_scale", "fsdp_tensor_norm", "fsdp_nan_on_one_rank_skips_everywhere", "zero",
           "dtensor_uneven_presence_tensor_norm", "tp_replicate_bias_plain_norm"}
 # What a wrapper does around SNGM, the same for every backend (SNGM sees plain tensors and a
 # process group): the native cpu backend alone. And the 4-rank launch: 4 processes on 2 cores.

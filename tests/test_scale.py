@@ -1,6 +1,7 @@
 """The norm neither overflows nor underflows for any finite fp32, bf16 or fp16 gradient: squares
 are summed in fp64 and d / n is taken in fp64 (``torch.linalg.vector_norm`` in fp32 fails every
-case below). With weight decay 0 the step does not depend on the gradient's scale at all."""
+case below). With weight decay 0 the step does not depend on the gradient's scale at all. fp64
+gradients of any scale: test_scaled_norm.py."""
 
 import math
 

@@ -223,8 +223,8 @@ void chunks_sumsq(const scalar_t* const* w, const scalar_t* const* g, int64_t le
         s[r] = horizontal_sum(acc3[k][r]);
       }
       for (int64_t j = i; j < len; ++j) {  // the tail of a tensor whose size is not a multiple
-        sngm::add_scaled_square<HAS_WD>(s, g[k][j], HAS_WD ? w[k][j] : wz, h.sign, h.wd,
-                                        h.gscale);
+        sngm::add_scaled_square<HAS_WD>(s[0], s[1], s[2], g[k][j], HAS_WD ? w[k][j] : wz,
+                                        h.sign, h.wd, h.gscale);
       }
       for (int r = 0; r < 3; ++r) {
         out[r * stride + k] = s[r];

@@ -2,12 +2,20 @@
 // same three ops as csrc/cpu and triton_kernels/). sumsq and update are one launch per op call
 // whatever the number of tensors: one block per column of the chunk table, which finds its tensor
 // through the device table of pointers (sngm_cuda.h TensorRow).
-//   sumsq    a chunk's sum of double(d)^2: per-thread double accumulators, then a CUB block
-//            reduction (a fixed tree: deterministic, no float atomics); one partial per chunk
-//   finalize one block: each segment's partials summed in double in a fixed order, the total
+// The sums of squares are float64 [3, n] (rows med, big, small: Blue's scaled sum of squares,
+// ../sngm_math.h range_of / add_scaled_square / combine), row r of column c at r * n + c.
+//   sumsq    a chunk's three sums: per-thread double accumulators, then one CUB block reduction
+//            per row (a fixed tree: deterministic, no float atomics); one partial per chunk and
+//            row. fp64 params split x = |d| by range_of; fp32/bf16/fp16 sum every double(d)^2
+//            into med (every such square fits a double) and write 0 to big and small
+//   finalize one block: each segment's partials summed per row in double in a fixed order, the
+//            total per row (found_inf makes the med total +inf)
 //   update   normalize, momentum, param in one read-modify-write; it reads the sums of squares
 //            (and lr_tensor's learning rate, when one is given) from device memory and returns at
-//            once when the global sum is not finite (a skipped step loads and stores nothing). It
+//            once when the global med or big sum is not finite (a skipped step loads and stores
+//            nothing). Per chunk, combine() of its segment's three sums gives (q, pre, post) and
+//            inv = 1 / sqrt(q); a block whose pre and post are both 1 (every segment without an
+//            fp64 element beyond ~1e+-150) takes the walk without the two multiplies by 1. It
 //            walks the chunks in reverse (block b takes chunk n-1-b): the grads sumsq read last
 //            may still be in L2 (60 MB on an H200). Not measured.
 // A chunk moves 16 bytes per access when every pointer it touches is 16-byte aligned at its start
@@ -185,19 +193,24 @@ __device__ __forceinline__ C learning_rate(C lr, const float* lr_f32, const doub
 // Both chunk walkers: len / V accesses per array; thread t takes accesses t, t + kThreads, ...,
 // and loads unroll() of them before using any, so that their latencies overlap.
 
-// This thread's share of the chunk's sum of double(d)^2, added in a fixed order.
+// A thread's (or a chunk's) three sums of squares: med, big, small (../sngm_math.h).
+struct Sums {
+  double med = 0.0, big = 0.0, small = 0.0;
+};
+
+// This thread's share of the chunk's sums of squares, each added in a fixed order.
 template <Dtype D, bool HAS_WD, int V>
-__device__ __forceinline__ double sumsq_chunk(const typename Traits<D>::S* __restrict__ g,
-                                              const typename Traits<D>::S* __restrict__ w,
-                                              int64_t len, typename Traits<D>::C sign,
-                                              typename Traits<D>::C wd,
-                                              typename Traits<D>::C gscale) {
+__device__ __forceinline__ Sums sumsq_chunk(const typename Traits<D>::S* __restrict__ g,
+                                            const typename Traits<D>::S* __restrict__ w,
+                                            int64_t len, typename Traits<D>::C sign,
+                                            typename Traits<D>::C wd,
+                                            typename Traits<D>::C gscale) {
   using T = Traits<D>;
   using S = typename T::S;
   using C = typename T::C;
   constexpr int U = unroll<S, V>();
   const int64_t n = len / V;
-  double acc = 0.0;
+  Sums acc;
   for (int64_t base = threadIdx.x; base < n; base += kThreads * U) {
     Vec<S, V> gv[U], wv[U];
 #pragma unroll
@@ -216,7 +229,12 @@ __device__ __forceinline__ double sumsq_chunk(const typename Traits<D>::S* __res
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           const C wc = HAS_WD ? T::load(wv[k].v[j]) : C(0);
-          acc += sngm::square<HAS_WD>(T::load(gv[k].v[j]), wc, sign, wd, gscale);
+          if constexpr (D == Dtype::kDouble) {
+            sngm::add_scaled_square<HAS_WD>(acc.med, acc.big, acc.small, T::load(gv[k].v[j]),
+                                            wc, sign, wd, gscale);
+          } else {
+            acc.med += sngm::square<HAS_WD>(T::load(gv[k].v[j]), wc, sign, wd, gscale);
+          }
         }
       }
     }
@@ -224,12 +242,13 @@ __device__ __forceinline__ double sumsq_chunk(const typename Traits<D>::S* __res
   return acc;
 }
 
-template <Dtype D, bool HAS_MOM, bool NESTEROV, bool HAS_WD, int V>
+// SCALED: combine()'s pre and post apply; without it both are 1 (the multiplies fold away).
+template <Dtype D, bool HAS_MOM, bool NESTEROV, bool HAS_WD, bool SCALED, int V>
 __device__ __forceinline__ void update_chunk(typename Traits<D>::S* __restrict__ w,
                                              const typename Traits<D>::S* __restrict__ g,
                                              typename Traits<D>::S* __restrict__ u, int64_t len,
                                              const sngm::Hyper<typename Traits<D>::C>& h,
-                                             double inv) {
+                                             double inv, double pre, double post) {
   using T = Traits<D>;
   using S = typename T::S;
   using C = typename T::C;
@@ -256,7 +275,8 @@ __device__ __forceinline__ void update_chunk(typename Traits<D>::S* __restrict__
         for (int j = 0; j < V; ++j) {
           C wc = T::load(wv[k].v[j]);
           C uc = HAS_MOM ? T::load(uv[k].v[j]) : C(0);
-          sngm::update<HAS_MOM, NESTEROV, HAS_WD>(wc, uc, T::load(gv[k].v[j]), h, inv);
+          sngm::update<HAS_MOM, NESTEROV, HAS_WD>(wc, uc, T::load(gv[k].v[j]), h, inv,
+                                                  SCALED ? pre : 1.0, SCALED ? post : 1.0);
           wv[k].v[j] = T::store(wc);
           if constexpr (HAS_MOM) {
             uv[k].v[j] = T::store(uc);
@@ -274,7 +294,7 @@ __device__ __forceinline__ void update_chunk(typename Traits<D>::S* __restrict__
 template <Dtype D, bool HAS_WD>
 __global__ void __launch_bounds__(kThreads)
     sumsq_kernel(const Lists l, typename Traits<D>::C sign, typename Traits<D>::C wd,
-                 double* __restrict__ partials) {
+                 double* __restrict__ partials, int64_t partial_stride) {
   using S = typename Traits<D>::S;
   using C = typename Traits<D>::C;
   const int64_t c = blockIdx.x;
@@ -285,14 +305,28 @@ __global__ void __launch_bounds__(kThreads)
   const S* g = address<const S>(row.grad) + ch.start;
   const S* w = address<const S>(row.param) + ch.start;  // read only when HAS_WD
   const C gscale = grad_scale_inverse<C>(l.grad_scale);
-  const double acc = len % kVec<S> == 0 && aligned16(g) && (!HAS_WD || aligned16(w))
-                         ? sumsq_chunk<D, HAS_WD, kVec<S>>(g, w, len, sign, wd, gscale)
-                         : sumsq_chunk<D, HAS_WD, 1>(g, w, len, sign, wd, gscale);
+  const Sums acc = len % kVec<S> == 0 && aligned16(g) && (!HAS_WD || aligned16(w))
+                       ? sumsq_chunk<D, HAS_WD, kVec<S>>(g, w, len, sign, wd, gscale)
+                       : sumsq_chunk<D, HAS_WD, 1>(g, w, len, sign, wd, gscale);
   using Reduce = cub::BlockReduce<double, kThreads>;
-  __shared__ typename Reduce::TempStorage tmp;
-  const double sum = Reduce(tmp).Sum(acc);
-  if (threadIdx.x == 0) {
-    partials[c] = sum;
+  if constexpr (D == Dtype::kDouble) {
+    __shared__ typename Reduce::TempStorage tmp[3];  // one per row: no barrier between them
+    const double med = Reduce(tmp[0]).Sum(acc.med);
+    const double big = Reduce(tmp[1]).Sum(acc.big);
+    const double small = Reduce(tmp[2]).Sum(acc.small);
+    if (threadIdx.x == 0) {
+      partials[c] = med;
+      partials[partial_stride + c] = big;
+      partials[2 * partial_stride + c] = small;
+    }
+  } else {
+    __shared__ typename Reduce::TempStorage tmp;
+    const double med = Reduce(tmp).Sum(acc.med);
+    if (threadIdx.x == 0) {
+      partials[c] = med;
+      partials[partial_stride + c] = 0.0;
+      partials[2 * partial_stride + c] = 0.0;
+    }
   }
 }
 
@@ -300,49 +334,58 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     finalize_kernel(const double* __restrict__ partials, int64_t n_partials,
                     const int64_t* __restrict__ seg_ptr, int64_t n_segments,
                     const float* __restrict__ found_inf, double* __restrict__ sumsq,
-                    bool per_segment) {
+                    int64_t n_sumsq, bool per_segment) {
+  // partials [3, n_partials] and sumsq [3, n_sumsq]: row r of column c at r * n + c
   // seg_ptr lives on the device (the host cannot check it without a sync): clamp each segment to
   // [0, n_partials]; an empty or reversed one sums to 0.
   auto bounds = [&](int64_t s, int64_t& lo, int64_t& hi) {
     lo = seg_ptr[s] < 0 ? 0 : seg_ptr[s];
     hi = seg_ptr[s + 1] > n_partials ? n_partials : seg_ptr[s + 1];
   };
-  double mine = 0.0;  // this thread's share of the total
-  if (per_segment) {
-    // norm="tensor": one segment per tensor, many and mostly a few partials each: a warp each.
-    using WarpReduce = cub::WarpReduce<double>;
-    __shared__ typename WarpReduce::TempStorage wtmp[kFinalizeWarps];
-    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-    for (int64_t s = warp; s < n_segments; s += kFinalizeWarps) {
-      int64_t lo, hi;
-      bounds(s, lo, hi);
-      double acc = 0.0;
-      for (int64_t i = lo + lane; i < hi; i += kWarp) {
-        acc += partials[i];
-      }
-      const double v = WarpReduce(wtmp[warp]).Sum(acc);  // valid in lane 0
-      __syncwarp();  // wtmp[warp] is reused by this warp's next segment
-      if (lane == 0) {
-        sumsq[1 + s] = v;
-        mine += v;
-      }
-    }
-  } else {
-    // norm="global": one segment over every partial (up to ~1e6): the whole block on each.
-    for (int64_t s = 0; s < n_segments; ++s) {
-      int64_t lo, hi;
-      bounds(s, lo, hi);
-      for (int64_t i = lo + threadIdx.x; i < hi; i += kFinalizeThreads) {
-        mine += partials[i];
-      }
-    }
-  }
+  using WarpReduce = cub::WarpReduce<double>;
+  __shared__ typename WarpReduce::TempStorage wtmp[kFinalizeWarps];
   using Reduce = cub::BlockReduce<double, kFinalizeThreads>;
-  __shared__ typename Reduce::TempStorage tmp;
-  const double total = Reduce(tmp).Sum(mine);
-  if (threadIdx.x == 0) {
-    // GradScaler found an inf or NaN in a grad: the step is skipped like any non-finite norm.
-    sumsq[0] = found_inf != nullptr && *found_inf != 0.0f ? CUDART_INF : total;
+  __shared__ typename Reduce::TempStorage tmp[3];  // one per row: no barrier between the rows
+  // One pass per row (med, big, small), each the same fixed order (not unrolled: three
+  // accumulators at once would not fit 1024 threads' registers on sm_80).
+#pragma unroll 1
+  for (int r = 0; r < 3; ++r) {
+    const double* row = partials + r * n_partials;
+    double* out = sumsq + r * n_sumsq;
+    double mine = 0.0;  // this thread's share of the row's total
+    if (per_segment) {
+      // norm="tensor": one segment per tensor, many and mostly a few partials each: a warp each.
+      const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+      for (int64_t s = warp; s < n_segments; s += kFinalizeWarps) {
+        int64_t lo, hi;
+        bounds(s, lo, hi);
+        double acc = 0.0;
+        for (int64_t i = lo + lane; i < hi; i += kWarp) {
+          acc += row[i];
+        }
+        const double v = WarpReduce(wtmp[warp]).Sum(acc);  // valid in lane 0
+        __syncwarp();  // wtmp[warp] is reused by this warp's next segment (and row)
+        if (lane == 0) {
+          out[1 + s] = v;
+          mine += v;
+        }
+      }
+    } else {
+      // norm="global": one segment over every partial (up to ~1e6): the whole block on each.
+      for (int64_t s = 0; s < n_segments; ++s) {
+        int64_t lo, hi;
+        bounds(s, lo, hi);
+        for (int64_t i = lo + threadIdx.x; i < hi; i += kFinalizeThreads) {
+          mine += row[i];
+        }
+      }
+    }
+    const double total = Reduce(tmp[r]).Sum(mine);
+    if (threadIdx.x == 0) {
+      // GradScaler found an inf or NaN in a grad: the step is skipped like any non-finite norm
+      // (med's total alone is set: update skips when it is not finite).
+      out[0] = r == 0 && found_inf != nullptr && *found_inf != 0.0f ? CUDART_INF : total;
+    }
   }
 }
 
@@ -355,15 +398,21 @@ __global__ void __launch_bounds__(kThreads, kUpdateMinBlocks<typename Traits<D>:
   using S = typename Traits<D>::S;
   using C = typename Traits<D>::C;
   const int64_t c = l.n_chunks - 1 - static_cast<int64_t>(blockIdx.x);  // in reverse: see the top
-  const double total = sumsq[0];  // loaded with the column: one round trip for both
+  // sumsq [3, n_sumsq]: rows med, big, small. The totals' med and big (small cannot be
+  // non-finite) loaded with the column: one round trip for all.
+  const double total_med = sumsq[0];
+  const double total_big = sumsq[n_sumsq];
   const Chunk ch = column(l, c);
   // The finite check on device: a skipped step neither loads nor stores a byte of the tensors.
-  if (!sngm::is_finite(total) || !known_tensor(l, ch) || ch.seg < 0 || ch.seg >= n_sumsq) {
+  if (!sngm::is_finite(total_med) || !sngm::is_finite(total_big) || !known_tensor(l, ch) ||
+      ch.seg < 0 || ch.seg >= n_sumsq) {
     return;
   }
-  // lr_tensor's element (where given) loaded with the segment's sum and the table row
+  // lr_tensor's element (where given) loaded with the segment's sums and the table row
   const C rate = learning_rate(lr, lr_f32, lr_f64);
-  const double inv = sngm::inverse_norm(sumsq[ch.seg]);
+  const sngm::Scaled s =
+      sngm::combine(sumsq[ch.seg], sumsq[n_sumsq + ch.seg], sumsq[2 * n_sumsq + ch.seg]);
+  const double inv = sngm::inverse_norm(s.q);
   const TensorRow row = l.table[ch.tensor];
   if (!inside(ch, row)) {
     return;
@@ -372,10 +421,20 @@ __global__ void __launch_bounds__(kThreads, kUpdateMinBlocks<typename Traits<D>:
   S* w = address<S>(row.param) + ch.start;
   const S* g = address<const S>(row.grad) + ch.start;
   S* u = HAS_MOM ? address<S>(row.momentum) + ch.start : nullptr;
-  if (ch.len % kVec<S> == 0 && aligned16(w) && aligned16(g) && (!HAS_MOM || aligned16(u))) {
-    update_chunk<D, HAS_MOM, NESTEROV, HAS_WD, kVec<S>>(w, g, u, ch.len, h, inv);
+  const bool vec = ch.len % kVec<S> == 0 && aligned16(w) && aligned16(g) &&
+                   (!HAS_MOM || aligned16(u));
+  if (s.pre == 1.0 && s.post == 1.0) {  // the same bits as with the scales: nd = C(d * inv)
+    if (vec) {
+      update_chunk<D, HAS_MOM, NESTEROV, HAS_WD, false, kVec<S>>(w, g, u, ch.len, h, inv, 1.0,
+                                                                 1.0);
+    } else {
+      update_chunk<D, HAS_MOM, NESTEROV, HAS_WD, false, 1>(w, g, u, ch.len, h, inv, 1.0, 1.0);
+    }
+  } else if (vec) {
+    update_chunk<D, HAS_MOM, NESTEROV, HAS_WD, true, kVec<S>>(w, g, u, ch.len, h, inv, s.pre,
+                                                              s.post);
   } else {
-    update_chunk<D, HAS_MOM, NESTEROV, HAS_WD, 1>(w, g, u, ch.len, h, inv);
+    update_chunk<D, HAS_MOM, NESTEROV, HAS_WD, true, 1>(w, g, u, ch.len, h, inv, s.pre, s.post);
   }
 }
 
@@ -428,7 +487,7 @@ cudaLaunchConfig_t launch_config(dim3 grid, int threads, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_sumsq(const Lists& l, double weight_decay, bool maximize, double* partials,
-                         cudaStream_t stream) {
+                         int64_t partial_stride, cudaStream_t stream) {
   if (l.n_chunks == 0) {
     return cudaSuccess;
   }
@@ -439,17 +498,18 @@ cudaError_t launch_sumsq(const Lists& l, double weight_decay, bool maximize, dou
       const cudaLaunchConfig_t config =
           launch_config(one_block_per_chunk(l.n_chunks), kThreads, stream);
       return cudaLaunchKernelEx(&config, sumsq_kernel<D, decltype(has_wd)::value>, l,
-                                maximize ? C(-1) : C(1), static_cast<C>(weight_decay), partials);
+                                maximize ? C(-1) : C(1), static_cast<C>(weight_decay), partials,
+                                partial_stride);
     });
   });
 }
 
 cudaError_t launch_finalize(const double* partials, int64_t n_partials, const int64_t* seg_ptr,
                             int64_t n_segments, const float* found_inf, double* sumsq,
-                            bool per_segment, cudaStream_t stream) {
+                            int64_t n_sumsq, bool per_segment, cudaStream_t stream) {
   const cudaLaunchConfig_t config = launch_config(dim3(1), kFinalizeThreads, stream);
   return cudaLaunchKernelEx(&config, finalize_kernel, partials, n_partials, seg_ptr, n_segments,
-                            found_inf, sumsq, per_segment);
+                            found_inf, sumsq, n_sumsq, per_segment);
 }
 
 cudaError_t launch_update(const Lists& l, bool has_momentum, const double* sumsq, int64_t n_sumsq,

@@ -38,15 +38,21 @@ struct Lists {
   const float* grad_scale;  // 0-dim float32 on the device; nullptr: gscale = 1
 };
 
-// partials[c] = chunk c's sum of d^2 (the caller offsets partials by partial_offset).
-cudaError_t launch_sumsq(const Lists& l, double weight_decay, bool maximize, double* partials,
-                         cudaStream_t stream);
+// The sums of squares are float64 [3, n], contiguous: rows med, big, small (../sngm_math.h), row r
+// of column c at r * n + c.
 
-// sumsq[0] = the sum over the segments of partials[seg_ptr[s]:seg_ptr[s+1]] (+inf when found_inf
-// is given and nonzero); with per_segment also sumsq[1 + s] = segment s's sum.
+// partials[r * partial_stride + c] = chunk c's sum of row r (the caller offsets partials by
+// partial_offset; partial_stride is the partials tensor's n_partials, its size(1)). fp64: the
+// three rows of range_of; other dtypes: every square in row 0, rows 1 and 2 written 0.
+cudaError_t launch_sumsq(const Lists& l, double weight_decay, bool maximize, double* partials,
+                         int64_t partial_stride, cudaStream_t stream);
+
+// partials [3, n_partials], sumsq [3, n_sumsq]. For each row r: sumsq[r, 0] = the sum over the
+// segments of partials[r, seg_ptr[s]:seg_ptr[s+1]]; with per_segment also sumsq[r, 1 + s] =
+// segment s's sum. found_inf given and nonzero: sumsq[0, 0] = +inf (rows 1 and 2 as summed).
 cudaError_t launch_finalize(const double* partials, int64_t n_partials, const int64_t* seg_ptr,
                             int64_t n_segments, const float* found_inf, double* sumsq,
-                            bool per_segment, cudaStream_t stream);
+                            int64_t n_sumsq, bool per_segment, cudaStream_t stream);
 
 // The learning rate of update: `value`, or where a pointer is set (at most one), the one element
 // of lr_tensor (torch.optim.SGD's tensor lr) on the device, which the kernel loads when it runs:
@@ -58,6 +64,8 @@ struct LearningRate {
   const double* f64;  // a float64 lr_tensor's element
 };
 
+// sumsq [3, n_sumsq]: nothing when sumsq[0, 0] or sumsq[1, 0] is not finite; else each chunk is
+// normalized by combine() of its segment's column.
 cudaError_t launch_update(const Lists& l, bool has_momentum, const double* sumsq, int64_t n_sumsq,
                           const LearningRate& lr, double momentum, double weight_decay,
                           bool nesterov, bool maximize, cudaStream_t stream);

@@ -278,7 +278,7 @@ void sumsq(at::TensorList params, at::TensorList grads, const at::Tensor& chunks
                                              "sumsq"),
                                     weight_decay, maximize,
                                     partials.data_ptr<double>() + partial_offset,
-                                    stream.stream()));
+                                    partials.size(1), stream.stream()));
 }
 
 void finalize(const at::Tensor& partials, const at::Tensor& seg_ptr,
@@ -286,10 +286,11 @@ void finalize(const at::Tensor& partials, const at::Tensor& seg_ptr,
   const c10::Device device = call_device("finalize", "sumsq", sumsq, c10::DeviceType::CUDA);
   check_finalize(partials, seg_ptr, found_inf, sumsq, device);
   c10::cuda::CUDAGuard guard(device);
-  C10_CUDA_CHECK(cuda::launch_finalize(partials.const_data_ptr<double>(), partials.numel(),
+  // partials [3, n_partials] and sumsq [3, m] (check_rows3): the launchers take size(1)
+  C10_CUDA_CHECK(cuda::launch_finalize(partials.const_data_ptr<double>(), partials.size(1),
                                        seg_ptr.const_data_ptr<int64_t>(), seg_ptr.numel() - 1,
                                        scalar_ptr(found_inf), sumsq.data_ptr<double>(),
-                                       sumsq.numel() > 1,
+                                       sumsq.size(1), sumsq.size(1) > 1,
                                        c10::cuda::getCurrentCUDAStream(device.index())));
 }
 
@@ -311,7 +312,7 @@ void update(at::TensorList params, at::TensorList grads, at::TensorList momentum
   C10_CUDA_CHECK(cuda::launch_update(lists_of(params, table, chunks, scalar_ptr(grad_scale),
                                               "update"),
                                      !momentum_buffers.empty(), sumsq.const_data_ptr<double>(),
-                                     sumsq.numel(), learning_rate(lr_tensor, lr), momentum,
+                                     sumsq.size(1), learning_rate(lr_tensor, lr), momentum,
                                      weight_decay, nesterov, maximize, stream.stream()));
 }
 
