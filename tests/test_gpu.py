@@ -167,7 +167,7 @@ def test_gpu_ops_refuse_bad_arguments_before_writing(gpu_backend):
     ws = [torch.randn(n, device="cuda") for n in (100, 5000)]
     gs = [torch.randn_like(w) for w in ws]
     plan = make_plan([[100, 5000]], False, torch.device("cuda"))
-    sumsq = torch.ones(1, dtype=torch.float64, device="cuda")
+    sumsq = torch.ones(3, 1, dtype=torch.float64, device="cuda")
     before = [w.clone() for w in ws] + [plan.partials.clone()]
     cases = [
         ("out of range", lambda: ops.sumsq(ws, gs, plan.chunks[0], None, 0.0, False,
@@ -183,9 +183,38 @@ def test_gpu_ops_refuse_bad_arguments_before_writing(gpu_backend):
                                    plan.chunks[0], sumsq, None, None, 0.1, 0.0, 0.0, False,
                                    False)),
         ("sumsq", lambda: ops.finalize(plan.partials, plan.seg_ptr, None, sumsq.float())),
+        ("shape \\[3, n >= 1\\]", lambda: ops.update(ws, gs, [], plan.chunks[0], sumsq[0], None,
+                                                     None, 0.1, 0.0, 0.0, False, False)),
     ]
     for match, call in cases:
         with pytest.raises(RuntimeError, match=match):
             call()
         torch.cuda.synchronize()
         assert all(torch.equal(a, b) for a, b in zip(ws + [plan.partials], before)), match
+
+
+@pytest.mark.parametrize("k", [-1000, 1000])
+def test_fp64_grads_of_any_scale_give_the_same_step(gpu_backend, k):
+    """fp64 grads times 2^k (far beyond where an fp64 square fits a double: the scaled rows of
+    scaled_norm.py) give the bits of the grads times 1, and the norm times 2^k exactly
+    (tests/test_scaled_norm.py checks the CPU backends the same way)."""
+    shapes = [(5000,), (4097,), (3, 7), ()]
+
+    def run(scale):
+        g = torch.Generator().manual_seed(7)
+        ps = [torch.nn.Parameter((1 + torch.rand(s, generator=g, dtype=torch.float64)).cuda())
+              for s in shapes]
+        opt = SNGM(ps, lr=0.1, momentum=0.9, backend=gpu_backend)
+        norms = []
+        for t in range(2):
+            for p in ps:
+                x = torch.randn(p.shape, generator=g, dtype=torch.float64)
+                p.grad = ((x.abs() + 2.0 ** -10).clamp(max=7.9) * x.sign()).cuda() * scale
+            opt.step()
+            norms.append(opt.grad_norm.item())
+        return [p.detach() for p in ps] + [opt.state[p]["momentum_buffer"] for p in ps], norms
+
+    base, base_norms = run(1.0)
+    got, norms = run(2.0 ** k)
+    assert all(torch.equal(a, b) for a, b in zip(got, base))
+    assert norms == [math.ldexp(n, k) for n in base_norms]
