@@ -76,11 +76,12 @@ def variants():
         yield f"sumsq_{dt}", _sumsq_kernel, _signature(_sumsq_kernel, {
             "table_ptr": "*i64", "n_tensors": "i32", "chunks_ptr": "*i64", "n_chunks": "i32",
             "scale_ptr": "*fp32", "wd_hi": "fp32", "wd_mid": "fp32", "wd_lo": "fp32",
-            "sign": "fp32", "partials_ptr": "*fp64", "partial_offset": "i32",
+            "sign": "fp32", "partials_ptr": "*fp64", "n_partials": "i32",
+            "partial_offset": "i32",
         }), {"DTYPE": tl_dt, "BLOCK": CHUNK}, num_warps(torch_dt)
     yield "finalize", _finalize_kernel, _signature(_finalize_kernel, {
         "partials_ptr": "*fp64", "n_partials": "i32", "seg_ptr": "*i64", "n_segments": "i32",
-        "found_inf_ptr": "*fp32", "sumsq_ptr": "*fp64",
+        "found_inf_ptr": "*fp32", "sumsq_ptr": "*fp64", "n_sumsq": "i32",
     }), {"TOTAL_BLOCK": FINALIZE_TOTAL_BLOCK, "SEG_BLOCK": FINALIZE_SEG_BLOCK}, FINALIZE_WARPS
 
 

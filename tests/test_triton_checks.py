@@ -34,7 +34,7 @@ def test_ops_refuse_bad_arguments_before_writing(ops):
     ws, gs, us = _lists()
     plan = make_plan([[100, 5000]], False, torch.device("cpu"))
     ch, parts = plan.chunks[0], plan.partials
-    sumsq = torch.ones(1, dtype=torch.float64)
+    sumsq = torch.ones(3, 1, dtype=torch.float64)
     one = ch[:, :1].contiguous()
     ints = [torch.zeros(100, dtype=torch.int32)]
     before = [x.clone() for x in ws + us + [parts]]
@@ -67,12 +67,12 @@ def test_ops_refuse_bad_arguments_before_writing(ops):
         ("chunks must have shape \\[4, n_chunks\\]", upd(c=ch[:3].contiguous())),
         ("chunks must be contiguous", upd(c=ch.t().contiguous().t())),
         ("partials has dtype torch.float32, expected torch.float64", sq(p=parts.float())),
-        ("partials\\[1:4\\] is out of range for 3 partials", sq(off=1)),
-        ("partials\\[-1:2\\] is out of range", sq(off=-1)),
+        ("partials\\[:, 1:4\\] is out of range for 3 partials", sq(off=1)),
+        ("partials\\[:, -1:2\\] is out of range", sq(off=-1)),
         ("grad_scale must be a one-element float32 tensor", sq(scale=torch.tensor(2.0).double())),
         ("grad_scale must be a one-element float32 tensor", upd(scale=torch.ones(2))),
         ("sumsq has dtype torch.float32", upd(s=sumsq.float())),
-        ("update: sumsq is empty", upd(s=sumsq[:0])),
+        ("update: sumsq must have shape \\[3, n >= 1\\]", upd(s=sumsq[:, :0])),
         ("lr_tensor must be a one-element float32 or float64 tensor", upd(lr_t=torch.ones(2))),
         ("lr_tensor must be a one-element float32 or float64 tensor",
          upd(lr_t=torch.tensor(1, dtype=torch.int64))),
@@ -82,8 +82,8 @@ def test_ops_refuse_bad_arguments_before_writing(ops):
         ("params\\[0\\] is on meta, expected cpu", direct([meta], [meta], one)),
         ("finalize: seg_ptr must have shape", lambda: ops.finalize(parts, plan.seg_ptr[:0], None,
                                                                    sumsq)),
-        ("finalize: sumsq has 2 entries: 1 \\(the total\\) or at least 1 \\+ 3",
-         lambda: ops.finalize(parts, torch.tensor([0, 1, 2, 2]), None, torch.ones(2).double())),
+        ("finalize: sumsq has 2 columns: 1 \\(the total\\) or at least 1 \\+ 3",
+         lambda: ops.finalize(parts, torch.tensor([0, 1, 2, 2]), None, torch.ones(3, 2).double())),
         ("finalize: found_inf must be a one-element float32", lambda: ops.finalize(
             parts, plan.seg_ptr, torch.tensor(0.0).double(), sumsq)),
         ("finalize: seg_ptr has dtype torch.int32", lambda: ops.finalize(
@@ -98,9 +98,9 @@ def test_ops_refuse_bad_arguments_before_writing(ops):
 def test_an_empty_list_writes_zero_partials(ops):
     """No tensor named: every chunk's partial is 0, as the CUDA kernel writes it."""
     plan = make_plan([[100, 5000]], False, torch.device("cpu"))
-    parts = torch.full((5,), math.nan, dtype=torch.float64)
+    parts = torch.full((3, 5), math.nan, dtype=torch.float64)
     ops.sumsq([], [], plan.chunks[0], None, 0.0, False, parts, 1)
-    assert parts[0].isnan() and parts[4].isnan() and (parts[1:4] == 0).all()  # 3 chunks
+    assert parts[:, 0].isnan().all() and parts[:, 4].isnan().all() and (parts[:, 1:4] == 0).all()  # 3 chunks
 
 
 def test_grad_scale_reciprocal_is_the_fp32_one(ops):
@@ -120,11 +120,12 @@ def test_grad_scale_reciprocal_is_the_fp32_one(ops):
     # Stability of Numerical Algorithms, 2002, eq. 3.4), gamma_n = n u / (1 - n u), u = 2^-53. The
     # fp64 reciprocal's d is ~1e-8 off: far outside.
     n, u = torch.tensor([300.0, 4096, 904], dtype=torch.float64), 2.0**-53
-    assert ((plan.partials - expect).abs() <= 2 * n * u / (1 - n * u) * expect).all()
-    sumsq = torch.tensor([expect.sum().item()], dtype=torch.float64)
+    assert ((plan.partials[0] - expect).abs() <= 2 * n * u / (1 - n * u) * expect).all()
+    assert (plan.partials[1:] == 0).all()
+    sumsq = torch.tensor([[expect.sum().item()], [0.0], [0.0]], dtype=torch.float64)
     w0, u0 = [w.clone() for w in ws], [u.clone() for u in us]
     ops.update(ws, gs, us, plan.chunks[0], sumsq, scale, None, 0.1, 0.9, 0.5, False, False)
-    inv_n = 1.0 / math.sqrt(sumsq.item())
+    inv_n = 1.0 / math.sqrt(sumsq[0, 0].item())
     for w, u, w_0, u_0, x in zip(ws, us, w0, u0, d):
         eu = 0.9 * u_0 + x * inv_n
         assert torch.equal(u, eu) and torch.equal(w, w_0 - 0.1 * eu)

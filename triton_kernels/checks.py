@@ -107,32 +107,39 @@ def lists(op, params, grads, momentum_buffers, chunks, interpreted):
     return device
 
 
+def _rows3(op, what, t, device):
+    """A float64 [3, n >= 1] tensor of sums (partials, sumsq): rows med, big, small (scaled.py)."""
+    _aux(op, what, t, torch.float64, device)
+    if not (t.dim() == 2 and t.shape[0] == 3 and t.shape[1] >= 1):
+        _fail(op, f"{what} must have shape [3, n >= 1] (med, big and small sums of squares), got "
+                  f"{tuple(t.shape)}")
+
+
 def partials_range(partials, partial_offset, n_chunks, device):
-    _aux("sumsq", "partials", partials, torch.float64, device)
-    if not 0 <= partial_offset <= partials.numel() - n_chunks:
-        _fail("sumsq", f"partials[{partial_offset}:{partial_offset + n_chunks}] is out of range "
-                       f"for {partials.numel()} partials")
+    """sumsq's output: partials[:, partial_offset : partial_offset + n_chunks] must exist."""
+    _rows3("sumsq", "partials", partials, device)
+    if not 0 <= partial_offset <= partials.shape[1] - n_chunks:
+        _fail("sumsq", f"partials[:, {partial_offset}:{partial_offset + n_chunks}] is out of "
+                       f"range for {partials.shape[1]} partials")
 
 
 def finalize_args(partials, seg_ptr, found_inf, sumsq, interpreted):
     device = sumsq.device
     _kernel_device("finalize", device, interpreted)
-    _aux("finalize", "partials", partials, torch.float64, device)
+    _rows3("finalize", "partials", partials, device)
     _aux("finalize", "seg_ptr", seg_ptr, torch.int64, device)
-    _aux("finalize", "sumsq", sumsq, torch.float64, device)
+    _rows3("finalize", "sumsq", sumsq, device)
     scalar_f32("finalize", "found_inf", found_inf, device)
     if seg_ptr.dim() != 1 or seg_ptr.numel() < 1:
         _fail("finalize", f"seg_ptr must have shape [n_segments + 1], got {tuple(seg_ptr.shape)}")
     n_seg = seg_ptr.numel() - 1
-    if not (sumsq.numel() == 1 or sumsq.numel() >= 1 + n_seg):
-        _fail("finalize", f"sumsq has {sumsq.numel()} entries: 1 (the total) or at least "
+    if not (sumsq.shape[1] == 1 or sumsq.shape[1] >= 1 + n_seg):
+        _fail("finalize", f"sumsq has {sumsq.shape[1]} columns: 1 (the total) or at least "
                           f"1 + {n_seg} (the total and one per segment)")
 
 
 def update_scalars(sumsq, lr_tensor, device):
-    _aux("update", "sumsq", sumsq, torch.float64, device)
-    if sumsq.numel() < 1:
-        _fail("update", "sumsq is empty")
+    _rows3("update", "sumsq", sumsq, device)
     if lr_tensor is not None and not (lr_tensor.numel() == 1 and lr_tensor.device == device
                                       and lr_tensor.dtype in (torch.float32, torch.float64)):
         _fail("update", f"lr_tensor must be a one-element float32 or float64 tensor on {device} "

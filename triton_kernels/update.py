@@ -1,8 +1,9 @@
 """Phase 2 of the fused step: normalize, update the momentum and the params in one read-modify-write.
 
-The norm, and a tensor learning rate, are read from device memory (never from the host); when the
-global sum of squares is not finite every chunk is empty, so a skipped step neither loads nor
-stores a byte of the tensors.
+The sums of squares (rows med, big, small: scaled.py), and a tensor learning rate, are read from
+device memory (never from the host); when the global sum of squares is not finite every chunk is
+empty, so a skipped step neither loads nor stores a byte of the tensors. Each chunk combines its
+segment's three sums into (q, pre, post) and normalizes by ((d * pre) * (1 / sqrt(q))) * post.
 The per-element maths is csrc/sngm_math.h's ``update``, each operation rounded once in its order
 (launched with fp fusion off: no fma).
 """
@@ -28,17 +29,20 @@ from .common import (
     num_warps,
     store_c,
 )
+from .scaled import combine
 from .tables import constant, pointer_table
 
 
 @triton.jit
-def _chunk_update(pw, pg, pu, length, inv, gscale, sign, wd, lr, beta, nesterov,
+def _chunk_update(pw, pg, pu, length, inv, pre, post, gscale, sign, wd, lr, beta, nesterov,
                   BLOCK: tl.constexpr, HAS_MOMENTUM: tl.constexpr, FP64: tl.constexpr):
     idx = tl.arange(0, BLOCK)
     mask = idx < length
     w = load_c(pw + idx, mask, FP64)
     d = direction(load_c(pg + idx, mask, FP64), w, gscale, sign, wd)
-    nd = (d.to(tl.float64) * inv).to(w.dtype)  # in double: inv may lie outside fp32's range
+    # In double: inv may lie outside fp32's range. pre and post are powers of two, both 1 unless
+    # an fp64 gradient is out of range: then nd is bit for bit C(double(d) * inv).
+    nd = (((d.to(tl.float64) * pre) * inv) * post).to(w.dtype)
     if HAS_MOMENTUM:
         u = beta * load_c(pu + idx, mask, FP64) + nd
         store_c(pu + idx, u, mask)
@@ -55,8 +59,8 @@ def _update_kernel(
     n_tensors,
     chunks_ptr,  # int64 [4, n_chunks]: tensor, start, length, segment
     n_chunks,
-    sumsq_ptr,  # float64 [0]: the global sum of squares; [1 + k]: tensor k's (norm="tensor")
-    n_sumsq,
+    sumsq_ptr,  # float64 [3, n_sumsq], rows med, big, small; column 0: the global sums,
+    n_sumsq,  # 1 + k: tensor k's (norm="tensor")
     scale_ptr,  # float32 0-dim: grad_scale (1 when there is none)
     lr_ptr,  # float32/float64, one element: lr_tensor (read only when HAS_LR_TENSOR)
     lr_hi,  # lr split by split_f64 (read only when not HAS_LR_TENSOR)
@@ -79,11 +83,15 @@ def _update_kernel(
     VEC: tl.constexpr = 128 // DTYPE.primitive_bitwidth  # elements per 128-bit access
     t, start, length = chunk_row(chunks_ptr, n_chunks, table_ptr, n_tensors, BLOCK)
     seg = tl.load(chunks_ptr + 3 * n_chunks + tl.program_id(0).to(tl.int64))
-    # A sum of squares is >= 0 or NaN (NaN < inf is false). A skipped step, or a segment that
-    # does not exist, is an empty chunk: no load, no store.
-    ok = (tl.load(sumsq_ptr) < float("inf")) & (seg >= 0) & (seg < n_sumsq)
+    # A sum of squares is >= 0 or NaN (NaN < inf is false); row 2 (small) is always finite. A
+    # skipped step, or a segment that does not exist, is an empty chunk: no load, no store.
+    finite = (tl.load(sumsq_ptr) < float("inf")) & (tl.load(sumsq_ptr + n_sumsq) < float("inf"))
+    ok = finite & (seg >= 0) & (seg < n_sumsq)
     length = tl.where(ok, length, 0)
-    n = tl.sqrt(tl.load(sumsq_ptr + tl.where(ok, seg, 0)).to(tl.float64))  # sqrt.rn.f64
+    col = sumsq_ptr + tl.where(ok, seg, 0)
+    q, pre, post = combine(tl.load(col).to(tl.float64), tl.load(col + n_sumsq).to(tl.float64),
+                           tl.load(col + 2 * n_sumsq).to(tl.float64))
+    n = tl.sqrt(q)  # sqrt.rn.f64
     inv = tl.where(n > 0.0, 1.0 / tl.where(n > 0.0, n, 1.0), 0.0)  # div.rn.f64; 0 when n == 0
     if HAS_LR_TENSOR:
         lr = load_lr(lr_ptr, FP64)
@@ -101,18 +109,20 @@ def _update_kernel(
     if (((aw | ag | au) & 15) == 0) & (length % VEC == 0):
         _chunk_update(as_pointer(aw, DTYPE, True), as_pointer(ag, DTYPE, True),
                       as_pointer(au, DTYPE, True), tl.multiple_of(length // VEC * VEC, VEC), inv,
-                      gscale, sign, wd, lr, beta, nesterov, BLOCK, HAS_MOMENTUM, FP64)
+                      pre, post, gscale, sign, wd, lr, beta, nesterov, BLOCK, HAS_MOMENTUM, FP64)
     else:
         _chunk_update(as_pointer(aw, DTYPE, False), as_pointer(ag, DTYPE, False),
-                      as_pointer(au, DTYPE, False), length, inv, gscale, sign, wd, lr, beta,
-                      nesterov, BLOCK, HAS_MOMENTUM, FP64)
+                      as_pointer(au, DTYPE, False), length, inv, pre, post, gscale, sign, wd, lr,
+                      beta, nesterov, BLOCK, HAS_MOMENTUM, FP64)
 
 
 def update(params, grads, momentum_buffers, chunks, sumsq, grad_scale, lr_tensor, lr, momentum,
            weight_decay, nesterov, maximize, *, block):
-    """One normalize-momentum-update pass over the chunks (docs/ops.md); momentum_buffers
-    empty: no momentum. lr_tensor: None, or a one-element float32/float64 tensor on the params'
-    device that the kernel reads the learning rate from (``lr`` is then not read)."""
+    """One normalize-momentum-update pass over the chunks (docs/ops.md), normalized by each
+    chunk's segment's sums of squares (sumsq: float64 [3, m], rows med, big, small; skipped
+    entirely when sumsq[0, 0] or sumsq[1, 0] is not finite); momentum_buffers empty: no
+    momentum. lr_tensor: None, or a one-element float32/float64 tensor on the params' device that
+    the kernel reads the learning rate from (``lr`` is then not read)."""
     device = checks.lists("update", params, grads, momentum_buffers, chunks, INTERPRETED)
     checks.scalar_f32("update", "grad_scale", grad_scale, device)
     checks.update_scalars(sumsq, lr_tensor, device)
@@ -131,7 +141,7 @@ def update(params, grads, momentum_buffers, chunks, sumsq, grad_scale, lr_tensor
             chunks,
             n_chunks,
             sumsq,
-            sumsq.shape[0],
+            sumsq.shape[1],
             constant(device, 1.0) if grad_scale is None else grad_scale,
             constant(device, 1.0) if lr_tensor is None else lr_tensor,  # not read when None
             *split_f64(0.0 if lr_tensor is not None else lr),
