@@ -68,13 +68,17 @@ def sngm_reference(
         bufs = lst.bufs or [None] * len(lst.params)
         for p, g, u in zip(lst.params, lst.grads, bufs):
             work.append((grp, p, _direction(g, p, grp.weight_decay, grp.maximize, grad_scale), u))
-    sq = [scaled_norm.squares(d) for _, _, d, _ in work]  # each [3]: med, big, small
-    total = torch.stack(sq).sum(0) if sq else torch.zeros(ROWS, dtype=torch.float64,
-                                                          device=device)
+    if work:  # [3, tensors]: each tensor's med, big and small sums
+        per = torch.stack([torch.stack(row) for row in zip(*(scaled_norm.squares(d)
+                                                              for _, _, d, _ in work))])
+        total = per.sum(1)
+    else:
+        per = torch.zeros(ROWS, 0, dtype=torch.float64, device=device)
+        total = torch.zeros(ROWS, dtype=torch.float64, device=device)
     if found_inf is not None:
         total = torch.cat([torch.where(found_inf.to(device) != 0, float("inf"), total[:1]),
                            total[1:]])
-    sumsq = torch.stack([total] + (sq if norm == "tensor" else []), dim=1)
+    sumsq = torch.cat([total[:, None], per], 1) if norm == "tensor" else total[:, None]
     if reduce_sumsq is not None:
         reduce_sumsq(sumsq)
     q, pre, post = scaled_norm.combine(sumsq)

@@ -36,18 +36,22 @@ MED_FLOOR = 2.0 ** -900
 ROWS = 3  # med, big, small
 
 
-def squares(d: Tensor) -> Tensor:
-    """[med, big, small] of the elements of ``d`` (any float dtype; summed in float64)."""
-    x = d.double().abs()
+def squares(d: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(med, big, small) of the elements of ``d``: float64 0-dim tensors. fp32, bf16 and fp16
+    squares all fit a double: their big and small sums are 0 (no classification needed)."""
+    x = d.double()
+    if d.dtype != torch.float64:
+        med = x.square().sum()
+        zero = torch.zeros_like(med)
+        return med, zero, zero
+    x = x.abs()
     big = x > BIG
     small = x < SMALL
     mid = ~(big | small)  # NaN lands here: it must reach the total
     zero = x.new_zeros(())
-    return torch.stack([
-        torch.where(mid, x, zero).square().sum(),
-        torch.where(big, x * BIG_SCALE, zero).square().sum(),
-        torch.where(small, x * SMALL_SCALE, zero).square().sum(),
-    ])
+    return (torch.where(mid, x, zero).square().sum(),
+            torch.where(big, x * BIG_SCALE, zero).square().sum(),
+            torch.where(small, x * SMALL_SCALE, zero).square().sum())
 
 
 def combine(sums: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
