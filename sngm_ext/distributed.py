@@ -22,9 +22,10 @@ setups, with an example for each):
 * ``process_group="local"``: the rank's own norm, no collective and no check (ranks that train
   different models on purpose, or DDP without the first step's check).
 
-The collective: the local fp64 vector is ``all_gather``-ed (one per group: one group, the world
-or the mesh's, in every usual set-up) and summed in rank order on every rank, so every rank ends
-with the same norm bit for bit, whatever the collective's own reduction order. It runs between
+The collective: the local fp64 sums (``[3, m]``: scaled_norm.py's rows, each a plain sum) are
+``all_gather``-ed (one per group: one group, the world or the mesh's, in every usual set-up) and
+summed in rank order on every rank, so every rank ends with the same norm bit for bit, whatever
+the collective's own reduction order. It runs between
 the two phases of the step (``DistPlan.reducer``), on the device: no host sync, except on a step
 that runs a check (the first, and the first after the params change). Every rank sees the same
 gathered values, so every rank takes the same decision: all raise or none does.
