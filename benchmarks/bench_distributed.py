@@ -14,7 +14,8 @@ interleaved rounds, the same schedule on every rank) for:
 * ``SNGM``: SNGM, its all_gather over the mesh included;
 * ``SNGM, no collective``: the same step with the gather replaced by the local vector (wrong
   maths, the same work otherwise): the difference to ``SNGM`` is what the collective costs;
-* ``all_gather alone``: the gather of one fp64 scalar over the world, by itself.
+* ``all_gather alone``: the gather of the step's three fp64 sums (med, big, small) over the
+  world, by itself.
 """
 
 from __future__ import annotations
@@ -95,12 +96,12 @@ def worker(args):
         finally:
             sngm_dist._gather_sum = gather_sum
 
-    scalar = torch.zeros(1, dtype=torch.float64)
+    sums = torch.zeros(3, dtype=torch.float64)  # what a global-norm step gathers
     cases = [
         Case("SGD", sgd.step),
         Case("SNGM", sngm.step),
         Case("SNGM, no collective", no_collective),
-        Case("all_gather alone", lambda: gather_sum(scalar, plan.groups, 1, False)),
+        Case("all_gather alone", lambda: gather_sum(sums, plan.groups, 3, False)),
     ]
     # no deadline: every rank must run the same schedule (the steps are collectives)
     samples = run_interleaved(Timer(torch.device("cpu")), cases, warmup=args.warmup,

@@ -6,7 +6,8 @@ Cases: the four param dtypes over three param groups (weight decay; nesterov and
 momentum) with a 0-dim param, one of 4097 elements (a chunk and one), a transposed view, a view at
 an odd storage offset (no 128-bit path) and grads that sit a step out; the per-tensor norm; a tensor
 learning rate; fp64 params with weight decay under a real ``torch.amp.GradScaler`` whose scale is
-not a power of two (the kernels must take the fp32 reciprocal of the scale, as the reference does).
+not a power of two (the kernels must take the fp32 reciprocal of the scale, as the reference does);
+fp64 grads times 2^1000 and 2^-1000 (the scaled sums of squares of scaled_norm.py).
 
 Bounds, per element (see :func:`elementwise_bounds`): every backend computes each element with
 the reference's operations in the reference's order, each rounded once, so only the order in
@@ -129,10 +130,14 @@ class Run:
 
 
 def _run(backend: str, device: torch.device, dtype: torch.dtype, norm: str = "global",
-         lr_tensor: bool = False) -> Run:
+         lr_tensor: bool = False, grad_exp: int = 0) -> Run:
+    """``grad_exp``: grads times 2^grad_exp (fp64: beyond where a square fits a double; below 0
+    without weight decay, so that every d is that small)."""
     gen = torch.Generator().manual_seed(0)
     groups, hyper, params, kinds = [], [], [], []
     for shapes, h in zip(SHAPES, GROUPS):
+        if grad_exp < 0:
+            h = dict(h, weight_decay=0.0)
         ps = [torch.nn.Parameter(_tensor(s, dtype, device, gen)) for s in shapes]
         lr = torch.tensor(h["lr"], device=device) if lr_tensor else h["lr"]
         groups.append(dict(params=ps, **dict(h, lr=lr)))
@@ -148,7 +153,7 @@ def _run(backend: str, device: torch.device, dtype: torch.dtype, norm: str = "gl
     norms = []
     for step in range(STEPS):
         for i, (p, kind) in enumerate(zip(params, kinds)):  # grads laid out as their params
-            g = _tensor(kind, dtype, device, gen)
+            g = _tensor(kind, dtype, device, gen) * 2.0 ** grad_exp
             p.grad = None if (step == 1 and i in (1, 5)) else g
         opt.step()
         norms.append(opt.grad_norm.clone())
@@ -215,6 +220,8 @@ def cases(device: torch.device) -> Dict[str, Callable[[str], Run]]:
     out["float32 per-tensor norm"] = lambda b: _run(b, device, torch.float32, norm="tensor")
     out["float32 tensor lr"] = lambda b: _run(b, device, torch.float32, lr_tensor=True)
     out[f"float64 GradScaler scale {GRAD_SCALE}"] = lambda b: scaler_run(b, device)
+    for k in (1000, -1000):  # the scaled sums of squares (scaled_norm.py): big, then small
+        out[f"float64 grads x 2^{k}"] = lambda b, k=k: _run(b, device, torch.float64, grad_exp=k)
     return out
 
 

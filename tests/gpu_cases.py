@@ -7,6 +7,7 @@ kernel. Bounds are per element, from the reference's own rounding (sngm_ext/_sel
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -172,6 +173,40 @@ def check_grad_scaler(backend: str, dtype: torch.dtype, device) -> None:
     ref = scaler_run("reference", torch.device(device), dtype)
     got = scaler_run(backend, torch.device(device), dtype)
     assert_runs_match(got, ref, dtype, f"{backend} GradScaler {dtype}")
+
+
+# ---------------------------------------------------------------- fp64 grads of any scale
+
+
+def check_fp64_any_scale(backend: str, device, k: int) -> None:
+    """fp64 grads times 2^k (|k| = 1000: far beyond where an fp64 square fits a double, the
+    scaled sums of scaled_norm.py) give the bits of the grads times 1 (every scaling is by a
+    power of two, every element stays in one range), and the norm times 2^k exactly
+    (tests/test_scaled_norm.py checks the CPU backends the same way and more)."""
+    shapes = [(5000,), (4097,), (3, 7), ()]
+
+    def one(scale):
+        g = torch.Generator().manual_seed(7)
+        ps = [torch.nn.Parameter((1 + torch.rand(s, generator=g, dtype=torch.float64))
+                                 .to(device)) for s in shapes]
+        opt = SNGM(ps, lr=0.1, momentum=0.9, backend=backend)
+        norms = []
+        for _ in range(2):
+            for p in ps:
+                x = torch.randn(p.shape, generator=g, dtype=torch.float64)
+                p.grad = ((x.abs() + 2.0 ** -10).clamp(max=7.9) * x.sign()).to(device) * scale
+            opt.step()
+            norms.append(opt.grad_norm.item())
+        return [p.detach() for p in ps] + [opt.state[p]["momentum_buffer"] for p in ps], norms
+
+    base, base_norms = one(1.0)
+    got, norms = one(2.0 ** k)
+    for i, (a, b) in enumerate(zip(got, base)):
+        if not torch.equal(a, b):
+            raise Mismatch(f"{backend}, fp64 grads x 2^{k}: tensor {i} is not the x 1 step's "
+                           f"(largest difference {(a - b).abs().max().item():.3g})")
+    if norms != [math.ldexp(n, k) for n in base_norms]:
+        raise Mismatch(f"{backend}, fp64 grads x 2^{k}: norms {norms}, not 2^{k} x {base_norms}")
 
 
 def expect_mismatch(fn, *args) -> str:

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from gpu_cases import check_grad_scaler, check_odd_offsets
+from gpu_cases import check_fp64_any_scale, check_grad_scaler, check_odd_offsets
 from bounds import elementwise_bounds
 from kit import assert_within, check_non_finite_grad_skips_the_step
 from scenarios import CONFIGS, DTYPES, assert_runs_match, grads_for, make_params, run
@@ -193,28 +193,7 @@ def test_gpu_ops_refuse_bad_arguments_before_writing(gpu_backend):
         assert all(torch.equal(a, b) for a, b in zip(ws + [plan.partials], before)), match
 
 
+
 @pytest.mark.parametrize("k", [-1000, 1000])
 def test_fp64_grads_of_any_scale_give_the_same_step(gpu_backend, k):
-    """fp64 grads times 2^k (far beyond where an fp64 square fits a double: the scaled rows of
-    scaled_norm.py) give the bits of the grads times 1, and the norm times 2^k exactly
-    (tests/test_scaled_norm.py checks the CPU backends the same way)."""
-    shapes = [(5000,), (4097,), (3, 7), ()]
-
-    def run(scale):
-        g = torch.Generator().manual_seed(7)
-        ps = [torch.nn.Parameter((1 + torch.rand(s, generator=g, dtype=torch.float64)).cuda())
-              for s in shapes]
-        opt = SNGM(ps, lr=0.1, momentum=0.9, backend=gpu_backend)
-        norms = []
-        for t in range(2):
-            for p in ps:
-                x = torch.randn(p.shape, generator=g, dtype=torch.float64)
-                p.grad = ((x.abs() + 2.0 ** -10).clamp(max=7.9) * x.sign()).cuda() * scale
-            opt.step()
-            norms.append(opt.grad_norm.item())
-        return [p.detach() for p in ps] + [opt.state[p]["momentum_buffer"] for p in ps], norms
-
-    base, base_norms = run(1.0)
-    got, norms = run(2.0 ** k)
-    assert all(torch.equal(a, b) for a, b in zip(got, base))
-    assert norms == [math.ldexp(n, k) for n in base_norms]
+    check_fp64_any_scale(gpu_backend, "cuda", k)

@@ -20,6 +20,7 @@ import sngm_ext
 from gpu_cases import (
     BIG_BF16,
     Large,
+    check_fp64_any_scale,
     check_grad_scaler,
     check_large,
     check_odd_offsets,
@@ -58,6 +59,9 @@ MUTATIONS = {
         "            1.0,\n            int(nesterov),"),
     "nesterov ignored": (
         "update.py", "step = tl.where(nesterov != 0, nd + beta * u, u)", "step = u"),
+    "the big sums are ignored": ("scaled.py", "use_big = big > 0.0", "use_big = big < 0.0"),
+    "small elements summed unscaled": (
+        "scaled.py", "small = x < _f64(_SMALL)", "small = x < _f64(0.0)"),
 }
 
 
@@ -106,6 +110,8 @@ CHECKS = {  # each GPU test's check, on CPU sizes
     "GradScaler": lambda: check_grad_scaler("triton", torch.float64, "cpu"),
     "tensor norm": lambda: _scenario("tensor_norm"),
     "three groups": lambda: _scenario("three_groups"),
+    "fp64 x 2^1000": lambda: check_fp64_any_scale("triton", "cpu", 1000),
+    "fp64 x 2^-1000": lambda: check_fp64_any_scale("triton", "cpu", -1000),
 }
 
 CAUGHT_BY = [
@@ -117,6 +123,8 @@ CAUGHT_BY = [
     ("per-tensor norm uses the global one", "tensor norm"),
     ("maximize ignored in the update", "three groups"),
     ("nesterov ignored", "three groups"),
+    ("the big sums are ignored", "fp64 x 2^1000"),
+    ("small elements summed unscaled", "fp64 x 2^-1000"),
 ]
 
 
