@@ -210,3 +210,33 @@ def test_combine_cases():
     assert post.tolist() == [1.0, 2.0 ** -538, 1.0, 1.0, 1.0]
     n, _ = scaled_norm.norm(rows)
     assert n[0].item() == 2.0 and n[1].item() == math.sqrt(9.0 + 4.0 * 2.0 ** -1076) * 2.0 ** 538
+
+
+@pytest.mark.parametrize("k, fp32_grads", [(600, "randn"), (-600, "zeros")])
+def test_fp32_params_beside_fp64_ones_out_of_range(backend, k, fp32_grads):
+    """fp32 params sharing the one norm with fp64 grads out of range: the fp64 params step as
+    they would alone (the fp32 squares weigh nothing next to 2^1200, and with 2^-1200 they are
+    0), the fp32 ones by d / n, which fp32 cannot hold: 0 (their own path through combine's
+    scales, never inf or NaN)."""
+    def run(with_fp32):
+        g = torch.Generator().manual_seed(5)
+        p64 = [torch.nn.Parameter(1 + torch.rand(s, generator=g, dtype=torch.float64))
+               for s in SHAPES]
+        p32 = [torch.nn.Parameter(torch.rand(s, generator=g)) for s in ((300,), (5, 5))]
+        params = p64 + (p32 if with_fp32 else [])
+        opt = SNGM(params, lr=0.1, momentum=0.9, backend=backend)
+        for p, gr in zip(p64, _grads(2)):
+            p.grad = gr * 2.0 ** k
+        for p in p32:
+            p.grad = torch.randn(p.shape, generator=g) if fp32_grads == "randn" \
+                else torch.zeros_like(p)
+        before = [p.detach().clone() for p in p32]
+        opt.step()
+        assert opt.skipped_steps.item() == 0
+        if with_fp32:
+            for p, b in zip(p32, before):
+                assert torch.equal(p.detach(), b)
+                assert not opt.state[p]["momentum_buffer"].any()
+        return [p.detach().clone() for p in p64]
+    for a, b in zip(run(True), run(False)):
+        assert torch.equal(a, b)
