@@ -36,9 +36,11 @@ def model():
     return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
 
 
-def loss(m, t):
+def loss(m, t, exp=0):
+    """exp: the loss (and so every grad) times 2^exp."""
     g = torch.Generator().manual_seed(t)
-    return m(torch.randn(8, 6, generator=g)).square().sum()
+    x = torch.randn(8, 6, generator=g).to(m[0].weight.dtype)
+    return m(x).square().sum() * 2.0 ** exp
 
 
 def make_opt(kind, m, lr, backend, **kw):
@@ -48,9 +50,10 @@ def make_opt(kind, m, lr, backend, **kw):
 
 
 def train(compiled, *, backend, kind="sngm", lr=0.1, steps=4, eager_first=0, sched=None,
-          resume=False, **kw):
-    """(model, optimizer, per-step grad_norm clones) after ``steps`` steps."""
-    m = model()
+          resume=False, dtype=torch.float32, exp=0, **kw):
+    """(model, optimizer, per-step grad_norm clones) after ``steps`` steps; ``dtype`` the
+    model's, ``exp`` its grads' scale 2^exp."""
+    m = model().to(dtype)
     make_lr = (lambda: torch.tensor(lr)) if lr == "tensor" else (lambda: lr)
     if lr == "tensor":
         lr = 0.1
@@ -74,7 +77,7 @@ def train(compiled, *, backend, kind="sngm", lr=0.1, steps=4, eager_first=0, sch
     norms = []
     for t in range(steps):
         opt.zero_grad()
-        loss(m, t).backward()
+        loss(m, t, exp).backward()
         (opt.step if t < eager_first else run)()
         if kind == "sngm":
             norms.append(opt.grad_norm.clone())
@@ -106,6 +109,8 @@ def main(case, backend):
         kw = dict(lr="tensor")
     elif case == "norm_in_backward":
         kw = dict(norm_in_backward=True)
+    elif case == "fp64_huge_grads":  # beyond where an fp64 square fits: the scaled sums
+        kw = dict(dtype=torch.float64, exp=700)
     elif case.startswith("sched_"):  # sched_<name>_<float|tensor>[_sgd]
         parts = case.split("_")
         kw = dict(sched=parts[1], lr="tensor" if parts[2] == "tensor" else 0.1, steps=12)

@@ -41,7 +41,7 @@ def usable(backend):
     ("fresh", "reference", "aot_eager"), ("fresh", "cpu", "inductor"),
     ("after_eager", "cpu", "aot_eager"), ("after_eager", "triton", "aot_eager"),
     ("resumed", "cpu", "aot_eager"), ("cpu_tensor_lr", "cpu", "aot_eager"),
-    ("norm_in_backward", "cpu", "aot_eager"),
+    ("norm_in_backward", "cpu", "aot_eager"), ("fp64_huge_grads", "cpu", "aot_eager"),
 ])
 def test_compiled_step_is_the_eager_step(case, backend, compiler):
     usable(backend)
