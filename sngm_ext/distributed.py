@@ -362,8 +362,8 @@ def _check_column(local: Tensor, full: Optional[Tensor], check_params) -> Tensor
         sums = local[:, 0]
     else:
         sums = full[:, 1:].index_select(1, check_params).sum(1)
-    s, q = scaled_norm.norm(sums)
-    bad = ~torch.isfinite(q)
+    s = scaled_norm.norm(sums)
+    bad = ~scaled_norm.finite(sums)
     s = torch.where(bad, torch.zeros_like(s), s.clamp(max=torch.finfo(s.dtype).max))
     return torch.stack([s, s, bad.to(s.dtype)])
 

@@ -96,11 +96,12 @@ def fused_step(
     if backward_sums is not None:
         backward_sums.stepped(plan, lists, groups)
     if reduce_sumsq is not None or any(lst.params[0].dtype == torch.float64 for lst in lists):
-        norm, q = scaled_norm.norm(sumsq[:, 0])  # the big and small rows may be in use
-    else:
-        q = plan.total  # they are 0: med is the square (each tiny op costs a few us of dispatch)
-        norm = q.sqrt()
-    skipped_steps.add_(~torch.isfinite(q))
+        total = sumsq[:, 0]  # the big and small rows may be in use
+        norm = scaled_norm.norm(total)
+        skipped_steps.add_(~scaled_norm.finite(total))
+    else:  # they are 0: med is the square, its root the norm (each tiny op costs a few us)
+        skipped_steps.add_(~torch.isfinite(plan.total))
+        norm = plan.total.sqrt()
     if grad_scale is not None and kernel_scale is None:
         norm = norm / grad_scale.to(ACC_DTYPE)  # the norm of the unscaled gradient
     return norm

@@ -108,4 +108,4 @@ def sngm_reference(
     prepared.write_back()
     if skipped_steps is not None:
         skipped_steps.add_((~finite).to(skipped_steps.dtype))
-    return scaled_norm.norm(sumsq[:, 0])[0]
+    return scaled_norm.norm(sumsq[:, 0])

@@ -69,8 +69,17 @@ def combine(sums: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return q, pre, post
 
 
-def norm(sums: Tensor) -> Tuple[Tensor, Tensor]:
-    """(the norm, q) of each column of ``sums``: the norm is +inf only when it exceeds the fp64
-    range itself (elements near 1.8e308) or q is not finite; q decides whether a step is taken."""
-    q, pre, post = combine(sums)
-    return q.sqrt() / (pre * post), q
+def norm(sums: Tensor) -> Tensor:
+    """The norm of each column of ``sums`` ([3] or [3, m], rows med, big, small): the hypot of
+    the three rows' own norms, ``sqrt(med)``, ``sqrt(big) / BIG_SCALE`` and
+    ``sqrt(small) / SMALL_SCALE``, each within range (hypot neither overflows nor underflows on
+    the way), in a few ops: with big = small = 0 it is exactly ``sqrt(med)``. +inf only when the
+    norm itself exceeds the fp64 range (elements near 1.8e308), or a sum is not finite."""
+    r = sums.sqrt()
+    return torch.hypot(torch.hypot(r[0], r[1] * (1 / BIG_SCALE)), r[2] * (1 / SMALL_SCALE))
+
+
+def finite(sums: Tensor) -> Tensor:
+    """Whether each column's q (combine) is finite: med and big are (small always is, and their
+    sum cannot overflow: each is at most 2^52 terms of at most 2^972)."""
+    return torch.isfinite(sums[0] + sums[1])
