@@ -14,8 +14,9 @@ tensor k's): every row is a plain sum, so partial sums add across chunks, tensor
 unchanged. :func:`combine` turns a column into ``(q, pre, post)`` with ``n^2 = q / (pre*post)^2``
 and ``q`` in range; the update uses ``nd = ((d * pre) * (1 / sqrt(q))) * post``, which is bit
 for bit ``d * (1 / n)`` whenever ``pre = post = 1`` (every step without an fp64 element beyond
-~1e+-150). csrc/sngm_math.h (the C++ and CUDA kernels) and triton_kernels/scaled.py hold the same
-constants and rules: tests/test_scaled_norm.py keeps the three equal.
+~1e+-150). The norm a step reports (:func:`norm`) and whether it is taken (:func:`finite`) come
+from the same sums. csrc/sngm_math.h (the C++ and CUDA kernels) and triton_kernels/scaled.py hold
+the same constants and rules: tests/test_scaled_norm.py keeps the three equal.
 """
 
 from __future__ import annotations
