@@ -19,6 +19,9 @@ Where things live (one step, top to bottom):
                       checks, the one tensor-lr rule
     reference.py      the plain PyTorch step over the prepared lists: the oracle
     fused.py          the two-phase fused step over the prepared lists (sumsq, finalize, update)
+    scaled_norm.py    the sums of squares as three additive rows (med, big, small: Blue's scaled
+                      sum, so no finite fp64 gradient overflows the norm), their combine, the
+                      reported norm
     layout.py         chunk tables and step plans; device_cache.py: their capture-safe caching
     _ops.py           the ops' schemas (once), their fake kernels, the Triton implementations,
                       the traced (torch.compile) forms; docs/ops.md is their contract
