@@ -25,9 +25,9 @@ setups, with an example for each):
 The collective: the local fp64 sums (``[3, m]``: scaled_norm.py's rows, each a plain sum) are
 ``all_gather``-ed (one per group: one group, the world or the mesh's, in every usual set-up) and
 summed in rank order on every rank, so every rank ends with the same norm bit for bit, whatever
-the collective's own reduction order. It runs between
-the two phases of the step (``DistPlan.reducer``), on the device: no host sync, except on a step
-that runs a check (the first, and the first after the params change). Every rank sees the same
+the collective's own reduction order. It runs between the two phases of the step
+(``DistPlan.reducer``), on the device: no host sync, except on a step that runs a check (the
+first, and the first after the params change). Every rank sees the same
 gathered values, so every rank takes the same decision: all raise or none does.
 """
 
@@ -50,9 +50,10 @@ LOCAL = "local"  # process_group value: this rank's own norm, no collective, no 
 
 # Two ranks hold "the same" gradient when their norms agree to this relative tolerance (compared
 # as norms, not squares: an fp64 norm's square may exceed the double range; a norm's relative
-# difference is half its square's, so the bound below holds with room). The squares of fp32 elements are exact in fp64 and all terms are >= 0, so summing the
-# same n squares in another order changes the sum by at most (n - 1) * 2^-53 relative (Higham,
-# Accuracy and Stability of Numerical Algorithms, 2nd ed., eq. (4.4)): 1.2e-7 for n = 2^30;
+# difference is half its square's, so the bound below holds with room). The squares of fp32
+# elements are exact in fp64 and all terms are >= 0, so summing the same n squares in another
+# order changes the sum by at most (n - 1) * 2^-53 relative (Higham, Accuracy and Stability of
+# Numerical Algorithms, 2nd ed., eq. (4.4)): 1.2e-7 for n = 2^30;
 # weight decay computed with or without an FMA moves each d by <= 2^-24 relative, its square by
 # <= 2^-23 (1.2e-7). A partition of a real model differs by O(1).
 _SAME_RTOL = 1e-6

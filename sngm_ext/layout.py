@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .device_cache import Built, DeviceCache
+from .scaled_norm import ROWS  # med, big, small
 
 # Elements per chunk-table row (csrc/sngm_math.h kChunk too, which the CUDA kernels size their
 # passes by: a test keeps the two equal; the Triton launchers receive it as their BLOCK). 4096 fp32 = 16 KiB per tensor read per program: ResNet-50 (25.6M params) gives ~6.3k
@@ -36,7 +37,6 @@ CHUNK = 4096
 # fp32/bf16/fp16 gradient overflows the norm or underflows it to zero; fp64 gradients add two
 # scaled rows beside it (scaled_norm.py), so partials and sums are [3, n].
 ACC_DTYPE = torch.float64
-ROWS = 3  # scaled_norm.ROWS: med, big, small
 
 
 def chunk_rows(numels: Sequence[int], first_segment: int, per_tensor: bool):
