@@ -244,3 +244,43 @@ def test_fp32_params_beside_fp64_ones_out_of_range(backend, k, fp32_grads):
         return [p.detach().clone() for p in p64]
     for a, b in zip(run(True), run(False)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_fp64_partials_in_range_or_not(fused_backend, wd):
+    """The CPU kernel sums an fp64 chunk whose nonzero elements are all in range as the plain
+    sum of squares and splits only the others: a chunk's three partials must be the same bits
+    as its med had it been split (an out-of-range element replaced by 0 leaves med as it was),
+    whichever chunks share its group of four, and the split rows must match scaled_norm's."""
+    from sngm_ext.layout import CHUNK, make_plan
+
+    ops = SNGM([torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))], lr=0.1,
+               backend=fused_backend)._stepper.resolve(torch.device("cpu"))[1]
+    g = torch.Generator().manual_seed(0)
+    n = CHUNK * 8 + 40
+    w = torch.randn(n, generator=g, dtype=torch.float64)
+    grad = torch.randn(n, generator=g, dtype=torch.float64)
+    grad[3 * CHUNK: 4 * CHUNK: 97] = 0.0  # zeros: in no row
+    grad[CHUNK + 5] = 2.0 ** 600  # one big element
+    grad[5 * CHUNK + 11] = 2.0 ** -700  # one tiny element
+    grad[7 * CHUNK + 3] = 1e-300  # another
+    plan = make_plan([[n]], False, torch.device("cpu"))
+    table = plan.chunks[0]
+    together = torch.empty(3, table.shape[1], dtype=torch.float64)
+    ops.sumsq([w], [grad], table, None, wd, False, together, 0)
+    alone = torch.empty_like(together)
+    for c in range(table.shape[1]):
+        ops.sumsq([w], [grad], table[:, c:c + 1].contiguous(), None, wd, False, alone, c)
+    assert torch.equal(together, alone)
+    cleaned = grad.clone()  # the out-of-range elements as zeros: every chunk on the plain path
+    for i in (CHUNK + 5, 5 * CHUNK + 11, 7 * CHUNK + 3):
+        cleaned[i] = 0.0
+    plain = torch.empty_like(together)
+    ops.sumsq([w], [cleaned], table, None, wd, False, plain, 0)
+    if wd == 0:  # with weight decay d = g + wd * w is in range even where g is 0
+        assert torch.equal(together[0], plain[0])
+        assert not plain[1:].any()
+    for c in range(table.shape[1]):
+        lo, hi = c * CHUNK, min(n, (c + 1) * CHUNK)
+        want = torch.stack(scaled_norm.squares(grad[lo:hi] + wd * w[lo:hi]))
+        torch.testing.assert_close(together[:, c], want, rtol=2 * gamma(hi - lo), atol=0)
