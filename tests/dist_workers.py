@@ -331,12 +331,14 @@ def ddp_find_unused_no_sync(backend):
 # ---------------------------------------------------------------- FSDP2
 
 
-def fsdp_model(hsdp=False, dtype=torch.float32):
+def fsdp_model(replicas=None, dtype=torch.float32):
+    """Net fully sharded over the world, or (HSDP) over a (replicas, WORLD / replicas) mesh."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    if hsdp:  # a 2-D mesh, replicate x shard: only the shard dim's group is reduced over
-        mesh = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replicate", "shard"))
+    if replicas:  # a 2-D mesh, replicate x shard: only the shard dim's group is reduced over
+        mesh = init_device_mesh("cpu", (replicas, WORLD // replicas),
+                                mesh_dim_names=("replicate", "shard"))
     else:
         mesh = init_device_mesh("cpu", (WORLD,))
     model = Net().to(dtype)
@@ -362,8 +364,9 @@ def snapshot_fsdp(model, opt):
     return out
 
 
-def _fsdp_run(backend, norm, hsdp=False):
-    model = fsdp_model(hsdp)
+def _fsdp_run(backend, norm, replicas=None, what=None):
+    what = what or f"FSDP2 norm={norm}"
+    model = fsdp_model(replicas)
     opt = SNGM(param_groups(model), backend=backend, norm=norm)
     ref = oracle(backend, norm=norm)
     n_params = len(list(model.parameters()))
@@ -379,8 +382,8 @@ def _fsdp_run(backend, norm, hsdp=False):
             f"step {s}: expected ONE all_gather of {want} element(s), got {c.calls} "
             f"({n_present} grads present)"
         )
-        check_against(ref[s], snapshot_fsdp(model, opt), f"FSDP2 norm={norm} step {s}")
-        check_norm(ref[s], opt, f"FSDP2 norm={norm} step {s}")
+        check_against(ref[s], snapshot_fsdp(model, opt), f"{what} step {s}")
+        check_norm(ref[s], opt, f"{what} step {s}")
     return model, opt
 
 
@@ -396,7 +399,7 @@ def fsdp_tensor_norm(backend):
 
 @scenario
 def hsdp_mesh(backend):
-    _fsdp_run(backend, "global", hsdp=True)
+    _fsdp_run(backend, "global", replicas=1)
 
 
 @scenario
@@ -936,24 +939,7 @@ def fsdp2_tp_2x2(backend):
 @scenario
 def hsdp_2x2(backend):
     """HSDP on a (replicate=2, shard=2) mesh: every rank its quarter of the batch."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh("cpu", (2, WORLD // 2), mesh_dim_names=("replicate", "shard"))
-    model = Net()
-    fully_shard(model.a, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    opt = SNGM(param_groups(model), backend=backend)
-    ref = oracle(backend)
-    for s in range(STEPS):
-        opt.zero_grad()
-        x, y = local_batch(s, RANK, WORLD)
-        loss_fn(model, x, y, s).backward()
-        with CountCollectives() as c:
-            opt.step()
-        assert c.calls == [(GATHER, WORLD * 3)], f"step {s}: {c.calls}"
-        check_against(ref[s], snapshot_fsdp(model, opt), f"HSDP 2x2 step {s}")
-        check_norm(ref[s], opt, f"HSDP 2x2 step {s}")
+    _fsdp_run(backend, "global", replicas=2, what="HSDP 2x2")
 
 
 # ---------------------------------------------------------------- FSDP1

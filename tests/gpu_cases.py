@@ -178,25 +178,40 @@ def check_grad_scaler(backend: str, dtype: torch.dtype, device) -> None:
 # ---------------------------------------------------------------- fp64 grads of any scale
 
 
-def check_fp64_any_scale(backend: str, device, k: int) -> None:
-    """fp64 grads times 2^k (|k| = 1000: far beyond where an fp64 square fits a double, the
-    scaled sums of scaled_norm.py) give the bits of the grads times 1 (every scaling is by a
-    power of two, every element stays in one range), and the norm times 2^k exactly
-    (tests/test_scaled_norm.py checks the CPU backends the same way and more)."""
-    shapes = [(5000,), (4097,), (3, 7), ()]
+# Shapes of the fp64 cases: 0-dim, one element, none, a chunk and one, a non-multiple of it.
+FP64_SHAPES = [(5000,), (4097,), (3, 7), (), (1,), (0,)]
 
+
+def fp64_grads(gen: torch.Generator, shapes=FP64_SHAPES):
+    """fp64 grads with 2^-10 <= |g| < 8 (randn away from 0): scaled by 2^k they stay in one
+    of scaled_norm.py's ranges."""
+    out = []
+    for s in shapes:
+        x = torch.randn(s, generator=gen, dtype=torch.float64)
+        out.append((x.abs() + 2.0 ** -10).clamp(max=7.9) * x.sign().where(x != 0, 1.0))
+    return out
+
+
+def check_fp64_any_scale(backend: str, device, k: int, *, nesterov: bool = False,
+                         norm: str = "global") -> None:
+    """fp64 grads times 2^k (|k| = 1000: far beyond where an fp64 square fits a double, the
+    scaled sums of scaled_norm.py) give the bits of the grads times 1 in params and momentum
+    (every scaling is by a power of two, every element stays in one range), no skipped step, and
+    the norm times 2^k exactly; two steps with momentum 0.9 (tests/test_scaled_norm.py runs it
+    on the CPU backends, test_gpu.py on the GPU ones)."""
     def one(scale):
         g = torch.Generator().manual_seed(7)
         ps = [torch.nn.Parameter((1 + torch.rand(s, generator=g, dtype=torch.float64))
-                                 .to(device)) for s in shapes]
-        opt = SNGM(ps, lr=0.1, momentum=0.9, backend=backend)
+                                 .to(device)) for s in FP64_SHAPES]
+        opt = SNGM(ps, lr=0.1, momentum=0.9, nesterov=nesterov, norm=norm, backend=backend)
         norms = []
         for _ in range(2):
-            for p in ps:
-                x = torch.randn(p.shape, generator=g, dtype=torch.float64)
-                p.grad = ((x.abs() + 2.0 ** -10).clamp(max=7.9) * x.sign()).to(device) * scale
+            for p, gr in zip(ps, fp64_grads(g)):
+                p.grad = gr.to(device) * scale
             opt.step()
             norms.append(opt.grad_norm.item())
+        if opt.skipped_steps.item() != 0:
+            raise Mismatch(f"{backend}, fp64 grads x {scale}: a step was skipped")
         return [p.detach() for p in ps] + [opt.state[p]["momentum_buffer"] for p in ps], norms
 
     base, base_norms = one(1.0)
@@ -205,6 +220,7 @@ def check_fp64_any_scale(backend: str, device, k: int) -> None:
         if not torch.equal(a, b):
             raise Mismatch(f"{backend}, fp64 grads x 2^{k}: tensor {i} is not the x 1 step's "
                            f"(largest difference {(a - b).abs().max().item():.3g})")
+    # sqrt of 4^k times the same sum: exactly 2^k times the norm
     if norms != [math.ldexp(n, k) for n in base_norms]:
         raise Mismatch(f"{backend}, fp64 grads x 2^{k}: norms {norms}, not 2^{k} x {base_norms}")
 

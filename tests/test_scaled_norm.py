@@ -21,34 +21,15 @@ import pytest
 import torch
 
 from bounds import gamma
+from gpu_cases import FP64_SHAPES, check_fp64_any_scale, fp64_grads
 from kit import ROOT
 from sngm_ext import SNGM, scaled_norm
 
-SHAPES = [(5000,), (4097,), (3, 7), (), (1,), (0,)]
+SHAPES = FP64_SHAPES
 
 
 def _grads(seed: int):
-    """Grads with 2^-10 <= |g| < 8 (randn away from 0): scaled by 2^k they stay in one range."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for s in SHAPES:
-        x = torch.randn(s, generator=g, dtype=torch.float64)
-        out.append((x.abs() + 2.0 ** -10).clamp(max=7.9) * x.sign().where(x != 0, 1.0))
-    return out
-
-
-def _run(backend, scale: float, steps=2, momentum=0.9, nesterov=False, norm="global"):
-    g = torch.Generator().manual_seed(7)
-    ps = [torch.nn.Parameter(1 + torch.rand(s, generator=g, dtype=torch.float64)) for s in SHAPES]
-    opt = SNGM(ps, lr=0.1, momentum=momentum, nesterov=nesterov, norm=norm, backend=backend)
-    norms = []
-    for t in range(steps):
-        for p, gr in zip(ps, _grads(t)):
-            p.grad = gr * scale
-        opt.step()
-        norms.append(opt.grad_norm.clone())
-    bufs = [opt.state[p]["momentum_buffer"] for p in ps] if momentum else []
-    return [p.detach().clone() for p in ps], bufs, norms, opt
+    return fp64_grads(torch.Generator().manual_seed(seed))
 
 
 # 2^k with every element in one range: k = -1000 small (and normal: |g| 2^k >= 2^-1010),
@@ -56,21 +37,12 @@ def _run(backend, scale: float, steps=2, momentum=0.9, nesterov=False, norm="glo
 @pytest.mark.parametrize("k", [-1000, -600, 600, 1000])
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_fp64_step_is_the_same_bits_at_every_scale(backend, k, nesterov):
-    w0, u0, n0, _ = _run(backend, 1.0, nesterov=nesterov)
-    w, u, n, opt = _run(backend, 2.0 ** k, nesterov=nesterov)
-    assert opt.skipped_steps.item() == 0
-    for a, b in zip(w + u, w0 + u0):
-        assert torch.equal(a, b)
-    for a, b in zip(n, n0):  # sqrt of 4^k times a sum: exactly 2^k times the norm
-        assert a.item() == math.ldexp(b.item(), k)
+    check_fp64_any_scale(backend, "cpu", k, nesterov=nesterov)
 
 
 @pytest.mark.parametrize("k", [-1000, 1000])
 def test_fp64_per_tensor_norms_at_every_scale(backend, k):
-    w0, u0, _, _ = _run(backend, 1.0, norm="tensor")
-    w, u, _, _ = _run(backend, 2.0 ** k, norm="tensor")
-    for a, b in zip(w + u, w0 + u0):
-        assert torch.equal(a, b)
+    check_fp64_any_scale(backend, "cpu", k, norm="tensor")
 
 
 def _exact_norm(xs) -> Fraction:

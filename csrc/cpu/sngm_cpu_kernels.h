@@ -42,40 +42,20 @@ inline void bool_dispatch(bool b, F&& f) {
   }
 }
 
-template <typename V>
-inline auto horizontal_max(const V& v) {  // NaN lanes: the result compares false both ways
-  using T = typename V::value_type;
-  alignas(64) std::array<T, V::size()> lanes;
+// The lanes of v folded left to right from init: a fixed order, the same bits on every run.
+template <typename V, typename F>
+inline auto fold_lanes(const V& v, typename V::value_type init, F f) {
+  alignas(64) std::array<typename V::value_type, V::size()> lanes;
   v.store(lanes.data());
-  T m = lanes[0];
-  for (T x : lanes) {
-    m = (x > m || x != x) ? x : m;
+  for (auto x : lanes) {
+    init = f(init, x);
   }
-  return m;
-}
-
-template <typename V>
-inline auto horizontal_min(const V& v) {
-  using T = typename V::value_type;
-  alignas(64) std::array<T, V::size()> lanes;
-  v.store(lanes.data());
-  T m = lanes[0];
-  for (T x : lanes) {
-    m = (x < m || x != x) ? x : m;
-  }
-  return m;
+  return init;
 }
 
 template <typename V>
 inline auto horizontal_sum(const V& v) {
-  using T = typename V::value_type;
-  alignas(64) std::array<T, V::size()> lanes;
-  v.store(lanes.data());
-  T s = T(0);
-  for (T x : lanes) {  // a fixed order: the same bits on every run
-    s += x;
-  }
-  return s;
+  return fold_lanes(v, typename V::value_type(0), [](auto s, auto x) { return s + x; });
 }
 
 // fp32 lanes <-> fp64 lanes (at::vec converts float to double one lane at a time). The low half
@@ -261,7 +241,12 @@ void chunks_sumsq(const scalar_t* const* w, const scalar_t* const* g, int64_t le
     const C wz(0);
     if constexpr (F64) {
       double s[3] = {horizontal_sum(acc0[k]), 0.0, 0.0};
-      if (!(horizontal_max(vmax[k]) <= sngm::kBig && horizontal_min(vmin[k]) >= sngm::kSmall)) {
+      // a NaN lane sticks (x != x), so its chunk is split like any other out of range
+      const double hi =
+          fold_lanes(vmax[k], 0.0, [](double m, double x) { return x > m || x != x ? x : m; });
+      const double lo = fold_lanes(vmin[k], std::numeric_limits<double>::infinity(),
+                                   [](double m, double x) { return x < m || x != x ? x : m; });
+      if (!(hi <= sngm::kBig && lo >= sngm::kSmall)) {
         std::array<DVec, 3> a;
         a.fill(DVec(0.0));
         for (int64_t j = 0; j < i; j += 2 * W) {
